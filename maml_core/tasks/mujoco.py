@@ -1,0 +1,385 @@
+"""MuJoCo locomotion task families (Finn et al. 2017, section 5.3) on gymnasium's v5 models.
+
+Four families, each a small subclass of a gymnasium v5 env whose reward depends on the task:
+
+* ``halfcheetah-vel``: run at a target velocity ``velocity`` ~ U[0, 2].
+  reward = -|v - velocity| - 0.05 |a|^2
+* ``halfcheetah-dir``: run forward or backward, ``direction`` in {-1, +1} with equal odds.
+  reward = direction * v - 0.05 |a|^2
+* ``ant-vel`` (``velocity`` ~ U[0, 3]) and ``ant-dir`` (``direction`` in {-1, +1}), with the
+  reward of the paper's rllab code:
+  forward - 0.5e-2 |a|^2 - 0.5e-3 sum(clip(cfrc_ext, -1, 1)^2) + 0.05, where forward is
+  -|v - velocity| or direction * v. The 0.05 survive bonus is paid on every step (as in rllab,
+  including the step on which the ant falls); the episode terminates when the torso height
+  leaves [0.2, 1.0] or the state is not finite (v5's ``healthy_z_range``).
+
+``v`` is the torso's x velocity measured by its position change over the step (v5's
+``info["x_velocity"]``), not MuJoCo's ``qvel``; ``a`` is the action actually applied, i.e.
+clipped to the action space by ``GymTaskVectorEnv`` before stepping.
+
+Observations are v5's defaults without the x/y position (HalfCheetah: 17 dims). For the ant,
+the 78 external contact forces (``cfrc_ext``) are left out of the observation by default
+(27 dims instead of 105): they are mostly zeros with occasional spikes, and a smaller input
+keeps the policy small. (rllab's ant did observe them, clipped.) Pass
+``include_contact_forces=True`` to the ant families for v5's full 105-dim observation. The
+contact forces are always in the reward.
+
+Differences from the paper's rllab environments: gymnasium's v5 models and observations
+(rllab's models had different gear ratios and observation layouts), and the ant's velocity is
+its torso's rather than its centre of mass's.
+
+``GymTaskVectorEnv`` is generic: it batches any per-task gymnasium env that has a
+``set_task(task)`` method (or a custom ``apply_task`` callback) behind the ``TaskVectorEnv`` API.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, ClassVar, Literal
+
+import gymnasium
+import mujoco
+import numpy as np
+import pandas as pd
+import torch
+from gymnasium import spaces, utils
+from gymnasium.envs.mujoco.ant_v5 import AntEnv
+from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+from gymnasium.vector.utils import batch_space
+
+from maml_core.tasks.base import TaskFamily, TaskVectorEnv, register_task_family
+
+Objective = Literal["velocity", "direction"]
+_OBJECTIVES: tuple[str, ...] = ("velocity", "direction")
+
+
+# --------------------------------------------------------------------------------------------
+# Generic batched env over per-task gymnasium envs
+# --------------------------------------------------------------------------------------------
+
+def _set_task_method(env: gymnasium.Env, task: Mapping[str, Any]) -> None:
+    target = env.unwrapped
+    set_task = getattr(target, "set_task", None)
+    if set_task is None:
+        raise TypeError(f"{type(target).__name__} has no set_task(task) method; give it one or "
+                        "pass apply_task=... to GymTaskVectorEnv")
+    set_task(task)
+
+
+class GymTaskVectorEnv(TaskVectorEnv):
+    """Batches one gymnasium env per sub-environment (``num_tasks x episodes_per_task``).
+
+    ``env_fn()`` builds one single env (built once per sub-environment, then reused:
+    ``set_tasks`` only re-points them, so an env pool can serve many iterations).
+    ``apply_task(env, task)`` sets ``env`` to ``task`` (a dict of one task-table row); the default
+    calls ``env.unwrapped.set_task(task)``.
+
+    The inner envs should not truncate on their own (no ``TimeLimit``): the caller runs exactly
+    ``horizon`` steps. Auto-reset is disabled: a sub-env that terminated (or truncated) is not
+    stepped again, pays reward 0 and repeats its last observation until the next ``reset``.
+    Actions are clipped to the action-space bounds before stepping.
+    """
+
+    def __init__(self, tasks: pd.DataFrame, episodes_per_task: int, horizon: int,
+                 env_fn: Callable[[], gymnasium.Env],
+                 apply_task: Callable[[gymnasium.Env, Mapping[str, Any]], None] | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self._env_fn = env_fn
+        self._apply_task = apply_task or _set_task_method
+        self.envs: list[gymnasium.Env] = []
+        super().__init__(tasks, episodes_per_task, horizon, device, dtype)  # builds self.envs
+
+        first = self.envs[0]
+        if not isinstance(first.action_space, spaces.Box) or len(first.action_space.shape) != 1:
+            raise TypeError(f"GymTaskVectorEnv needs a 1-D Box action space, got "
+                            f"{first.action_space}")
+        if (not isinstance(first.observation_space, spaces.Box)
+                or len(first.observation_space.shape) != 1):
+            raise TypeError(f"GymTaskVectorEnv needs a 1-D Box observation space, got "
+                            f"{first.observation_space}")
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        obs_space, act_space = first.observation_space, first.action_space
+        self.obs_dim = int(obs_space.shape[0])
+        self.act_dim = int(act_space.shape[0])
+        self._act_low = np.asarray(act_space.low, dtype=np.float64)
+        self._act_high = np.asarray(act_space.high, dtype=np.float64)
+        self.single_observation_space = spaces.Box(
+            obs_space.low.astype(np_dtype), obs_space.high.astype(np_dtype), (self.obs_dim,),
+            np_dtype)
+        self.single_action_space = spaces.Box(
+            act_space.low.astype(np_dtype), act_space.high.astype(np_dtype), (self.act_dim,),
+            np_dtype)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+
+        self._obs = np.zeros((self.num_envs, self.obs_dim), dtype=np.float64)
+        self._terminated = np.zeros(self.num_envs, dtype=bool)
+        self._truncated = np.zeros(self.num_envs, dtype=bool)
+        self._needs_reset = True
+
+    def _apply_tasks(self, tasks: pd.DataFrame) -> None:
+        while len(self.envs) < self.num_envs:  # first call only: build the (slow) models
+            self.envs.append(self._env_fn())
+        rows = tasks.to_dict("records")
+        for i, env in enumerate(self.envs):
+            self._apply_task(env, rows[i // self.episodes_per_task])
+        self._needs_reset = True
+
+    def reset(self, *, seed: int | Sequence[int] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        seeds = self.env_seeds(seed)
+        for i, env in enumerate(self.envs):
+            obs, _ = env.reset(seed=seeds[i], options=options)
+            self._obs[i] = obs
+        self._terminated[:] = False
+        self._truncated[:] = False
+        self._needs_reset = False
+        return self._to_torch(self._obs), {}
+
+    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor, dict[str, Any]]:
+        if self._needs_reset:
+            raise RuntimeError("call reset() before step() (and again after set_tasks())")
+        actions = torch.as_tensor(actions)
+        if tuple(actions.shape) != (self.num_envs, self.act_dim):
+            raise ValueError(f"actions must have shape ({self.num_envs}, {self.act_dim}) "
+                             f"[num_envs, action_dim], got {tuple(actions.shape)}")
+        acts = actions.detach().to("cpu", torch.float64).numpy()
+        if not np.isfinite(acts).all():
+            raise ValueError("actions contain NaN or infinite values; check the policy's output")
+        acts = np.clip(acts, self._act_low, self._act_high)
+
+        reward = np.zeros(self.num_envs, dtype=np.float64)
+        for i in np.flatnonzero(~(self._terminated | self._truncated)):
+            obs, r, term, trunc, _ = self.envs[i].step(acts[i])
+            self._obs[i] = obs
+            reward[i] = r
+            self._terminated[i] = bool(term)
+            self._truncated[i] = bool(trunc) and not term
+        return (self._to_torch(self._obs), self._to_torch(reward),
+                torch.from_numpy(self._terminated.copy()).to(self.device),
+                torch.from_numpy(self._truncated.copy()).to(self.device), {})
+
+    def _to_torch(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array.copy()).to(device=self.device, dtype=self.dtype)
+
+    def close_extras(self, **kwargs: Any) -> None:
+        for env in self.envs:
+            env.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-task MuJoCo envs
+# --------------------------------------------------------------------------------------------
+
+class _TaskReward:
+    """Task state and the task-dependent forward reward shared by the MuJoCo task envs."""
+
+    objective: Objective
+    target: float
+
+    def _init_task(self, objective: str) -> None:
+        if objective not in _OBJECTIVES:
+            raise ValueError(f"objective must be one of {_OBJECTIVES}, got {objective!r}")
+        self.objective = objective  # type: ignore[assignment]
+        self.target = 0.0 if objective == "velocity" else 1.0
+
+    def set_task(self, task: Mapping[str, Any]) -> None:
+        """Set the target from a task row (needs the ``velocity`` or ``direction`` key)."""
+        if self.objective not in task:
+            raise ValueError(f"task {dict(task)} lacks {self.objective!r}")
+        self.target = float(task[self.objective])
+
+    def forward_reward(self, x_velocity: float) -> float:
+        if self.objective == "velocity":
+            return -abs(float(x_velocity) - self.target)
+        return self.target * float(x_velocity)
+
+
+class HalfCheetahTaskEnv(_TaskReward, HalfCheetahEnv):
+    """HalfCheetah-v5 with reward ``forward_reward(v) - ctrl_cost_weight * |a|^2``."""
+
+    def __init__(self, objective: Objective = "velocity", ctrl_cost_weight: float = 0.05,
+                 **kwargs: Any):
+        self._init_task(objective)
+        HalfCheetahEnv.__init__(self, ctrl_cost_weight=ctrl_cost_weight, **kwargs)
+        utils.EzPickle.__init__(self, objective, ctrl_cost_weight, **kwargs)
+
+    def _get_rew(self, x_velocity: float, action: np.ndarray) -> tuple[float, dict[str, float]]:
+        forward = self.forward_reward(x_velocity)
+        ctrl_cost = float(self.control_cost(action))
+        return forward - ctrl_cost, {"reward_forward": forward, "reward_ctrl": -ctrl_cost}
+
+    def _initialize_simulation(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
+        # gymnasium's half_cheetah.xml uses ``settotalmass``, which MuJoCo >= 3.3 reports as
+        # deprecated on every model build (dozens of lines per env pool). Silence exactly that
+        # message while compiling; any other warning is passed on as a Python warning.
+        previous = mujoco.get_mju_user_warning()
+
+        def on_warning(message: str) -> None:
+            if "settotalmass" not in message:
+                warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+
+        mujoco.set_mju_user_warning(on_warning)
+        try:
+            return super()._initialize_simulation()
+        finally:
+            mujoco.set_mju_user_warning(previous)
+
+
+class AntTaskEnv(_TaskReward, AntEnv):
+    """Ant-v5 with the rllab MAML reward ``forward - ctrl - contact + survive_reward``."""
+
+    def __init__(self, objective: Objective = "velocity", ctrl_cost_weight: float = 0.5e-2,
+                 contact_cost_weight: float = 0.5e-3, survive_reward: float = 0.05,
+                 include_cfrc_ext_in_observation: bool = False, **kwargs: Any):
+        self._init_task(objective)
+        self._survive_reward = float(survive_reward)
+        kwargs.setdefault("healthy_z_range", (0.2, 1.0))
+        kwargs.setdefault("contact_force_range", (-1.0, 1.0))
+        AntEnv.__init__(self, ctrl_cost_weight=ctrl_cost_weight,
+                        contact_cost_weight=contact_cost_weight, healthy_reward=survive_reward,
+                        include_cfrc_ext_in_observation=include_cfrc_ext_in_observation,
+                        **kwargs)
+        utils.EzPickle.__init__(self, objective, ctrl_cost_weight, contact_cost_weight,
+                                survive_reward, include_cfrc_ext_in_observation, **kwargs)
+
+    def _get_rew(self, x_velocity: float, action: np.ndarray) -> tuple[float, dict[str, float]]:
+        forward = self.forward_reward(x_velocity)
+        ctrl_cost = float(self.control_cost(action))
+        contact_cost = float(self.contact_cost)
+        reward = forward - ctrl_cost - contact_cost + self._survive_reward
+        return reward, {"reward_forward": forward, "reward_ctrl": -ctrl_cost,
+                        "reward_contact": -contact_cost, "reward_survive": self._survive_reward}
+
+
+# --------------------------------------------------------------------------------------------
+# Families
+# --------------------------------------------------------------------------------------------
+
+class _MujocoTaskFamily(TaskFamily):
+    default_horizon = 200
+    objective: ClassVar[Objective]
+
+    def _env_fn(self) -> Callable[[], gymnasium.Env]:
+        raise NotImplementedError
+
+    def make_env(self, tasks: pd.DataFrame, episodes_per_task: int, horizon: int | None = None,
+                 device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> GymTaskVectorEnv:
+        return GymTaskVectorEnv(self.validate_tasks(tasks), episodes_per_task,
+                                horizon or self.default_horizon, self._env_fn(),
+                                device=device, dtype=dtype)
+
+
+class _VelocityFamily(_MujocoTaskFamily):
+    objective = "velocity"
+    task_params = ("velocity",)
+    default_low: ClassVar[float] = 0.0
+    default_high: ClassVar[float]
+
+    def _init_range(self, low: float | None, high: float | None) -> None:
+        low = self.default_low if low is None else float(low)
+        high = self.default_high if high is None else float(high)
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            raise ValueError(f"{self.name} needs finite low < high for the target velocity, "
+                             f"got low={low}, high={high}")
+        self.low, self.high = low, high
+
+    def sample_tasks(self, n: int, rng: np.random.Generator) -> pd.DataFrame:
+        if n < 1:
+            raise ValueError(f"number of tasks must be >= 1, got {n}")
+        return self._table(n, {"velocity": rng.uniform(self.low, self.high, size=n)})
+
+
+class _DirectionFamily(_MujocoTaskFamily):
+    objective = "direction"
+    task_params = ("direction",)
+
+    def sample_tasks(self, n: int, rng: np.random.Generator) -> pd.DataFrame:
+        if n < 1:
+            raise ValueError(f"number of tasks must be >= 1, got {n}")
+        return self._table(n, {"direction": rng.choice(np.array([-1.0, 1.0]), size=n)})
+
+    def validate_tasks(self, tasks: pd.DataFrame) -> pd.DataFrame:
+        tasks = super().validate_tasks(tasks)
+        direction = tasks["direction"].to_numpy(dtype=np.float64)
+        bad = direction[np.abs(direction) != 1.0]
+        if bad.size:
+            raise ValueError(f"the task table for {self.name!r} has direction values "
+                             f"{sorted(set(bad.tolist()))[:5]}; direction must be +1 or -1")
+        return tasks
+
+
+class _HalfCheetahMixin:
+    observation_dim = 17
+    action_dim = 6
+    objective: ClassVar[Objective]
+
+    def _env_fn(self) -> Callable[[], gymnasium.Env]:
+        return partial(HalfCheetahTaskEnv, self.objective)
+
+
+class _AntMixin:
+    observation_dim = 27
+    action_dim = 8
+    objective: ClassVar[Objective]
+
+    def _init_ant(self, include_contact_forces: bool) -> None:
+        if not isinstance(include_contact_forces, bool | np.bool_):
+            raise ValueError(f"include_contact_forces must be True or False, got "
+                             f"{include_contact_forces!r}")
+        self.include_contact_forces = bool(include_contact_forces)
+        self.observation_dim = 27 + 78 * self.include_contact_forces
+
+    def _env_fn(self) -> Callable[[], gymnasium.Env]:
+        return partial(AntTaskEnv, self.objective,
+                       include_cfrc_ext_in_observation=self.include_contact_forces)
+
+
+@register_task_family
+class HalfCheetahVel(_HalfCheetahMixin, _VelocityFamily):
+    """HalfCheetah running at a target velocity; options ``low``/``high`` (default 0, 2)."""
+
+    name = "halfcheetah-vel"
+    gym_id = "HalfCheetahVel"
+    default_high = 2.0
+
+    def __init__(self, low: float | None = None, high: float | None = None):
+        self._init_range(low, high)
+
+
+@register_task_family
+class HalfCheetahDir(_HalfCheetahMixin, _DirectionFamily):
+    """HalfCheetah running forward (+1) or backward (-1); no options."""
+
+    name = "halfcheetah-dir"
+    gym_id = "HalfCheetahDir"
+
+
+@register_task_family
+class AntVel(_AntMixin, _VelocityFamily):
+    """Ant running at a target velocity; options ``low``/``high`` (default 0, 3) and
+    ``include_contact_forces`` (default False: 27-dim observation; True: 105)."""
+
+    name = "ant-vel"
+    gym_id = "AntVel"
+    default_high = 3.0
+
+    def __init__(self, low: float | None = None, high: float | None = None,
+                 include_contact_forces: bool = False):
+        self._init_range(low, high)
+        self._init_ant(include_contact_forces)
+
+
+@register_task_family
+class AntDir(_AntMixin, _DirectionFamily):
+    """Ant running forward (+1) or backward (-1); option ``include_contact_forces``."""
+
+    name = "ant-dir"
+    gym_id = "AntDir"
+
+    def __init__(self, include_contact_forces: bool = False):
+        self._init_ant(include_contact_forces)

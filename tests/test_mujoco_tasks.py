@@ -1,0 +1,237 @@
+"""MuJoCo locomotion families: rewards recomputed by hand, task plumbing, freezing, registry."""
+
+from __future__ import annotations
+
+import gymnasium
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from maml_core.tasks import get_task_family
+from maml_core.tasks.mujoco import AntTaskEnv, GymTaskVectorEnv, HalfCheetahTaskEnv
+
+FAMILIES = ["halfcheetah-vel", "halfcheetah-dir", "ant-vel", "ant-dir"]
+
+
+def _make(name: str, params: list[float], episodes: int = 1, **kwargs):
+    family = get_task_family(name)
+    column = family.task_params[0]
+    tasks = pd.DataFrame({"task_id": np.arange(len(params)), column: params})
+    return family, family.make_env(tasks, episodes, **kwargs)
+
+
+def _torso_x(env) -> float:
+    inner = env.unwrapped
+    if isinstance(inner, AntTaskEnv):
+        return float(inner.data.body(1).xpos[0])
+    return float(inner.data.qpos[0])
+
+
+def _expected_reward(name: str, target: float, v: float, applied: np.ndarray,
+                     inner) -> float:
+    forward = -abs(v - target) if name.endswith("-vel") else target * v
+    if name.startswith("halfcheetah"):
+        return forward - 0.05 * float(np.sum(applied**2))
+    ctrl = 0.5 * 1e-2 * float(np.sum(applied**2))
+    contact = 0.5 * 1e-3 * float(np.sum(np.clip(inner.data.cfrc_ext, -1.0, 1.0) ** 2))
+    return forward - ctrl - contact + 0.05
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_rewards_match_formulas(name):
+    params = [0.7, 2.5] if name.endswith("-vel") else [1.0, -1.0]
+    family, env = _make(name, params, episodes=2, dtype=torch.float64)
+    assert env.horizon == 200
+    obs, _ = env.reset(seed=3)
+    assert obs.shape == (4, family.observation_dim)
+    assert env.single_action_space.shape == (family.action_dim,)
+    assert env.action_space.shape == (4, family.action_dim)
+    rng = np.random.default_rng(0)
+    saw_contact = False
+    for _ in range(15):
+        # Out-of-bounds actions: what is applied (and charged) is the clipped action.
+        actions = rng.uniform(-1.6, 1.6, size=(4, family.action_dim))
+        before = [_torso_x(e) for e in env.envs]
+        obs, reward, terminated, truncated, _ = env.step(torch.from_numpy(actions))
+        assert not truncated.any()
+        for i, inner_env in enumerate(env.envs):
+            inner = inner_env.unwrapped
+            applied = np.clip(actions[i], -1.0, 1.0)
+            np.testing.assert_allclose(inner.data.ctrl, applied)
+            v = (_torso_x(inner_env) - before[i]) / inner.dt
+            target = params[i // 2]
+            expected = _expected_reward(name, target, v, applied, inner)
+            assert reward[i].item() == pytest.approx(expected, rel=1e-9, abs=1e-9)
+            saw_contact |= bool(np.any(inner.data.cfrc_ext != 0))
+        if terminated.any():
+            break
+    if name.startswith("ant"):
+        assert saw_contact  # the contact term was really exercised
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sampling_ranges_and_determinism(name):
+    family = get_task_family(name)
+    tasks = family.sample_tasks(2000, np.random.default_rng(5))
+    assert list(tasks.columns) == ["task_id", *family.task_params]
+    assert tasks["task_id"].tolist() == list(range(2000))
+    values = tasks[family.task_params[0]].to_numpy()
+    assert values.dtype == np.float64
+    if name.endswith("-dir"):
+        assert set(values.tolist()) == {-1.0, 1.0}
+        assert abs(np.mean(values == 1.0) - 0.5) < 0.05
+    else:
+        high = 2.0 if name.startswith("halfcheetah") else 3.0
+        assert values.min() >= 0.0 and values.max() <= high
+        assert values.min() < 0.05 * high and values.max() > 0.95 * high
+    again = family.sample_tasks(2000, np.random.default_rng(5))
+    pd.testing.assert_frame_equal(tasks, again)
+    other = family.sample_tasks(2000, np.random.default_rng(6))
+    assert not tasks.equals(other)
+
+
+def test_velocity_range_options():
+    family = get_task_family("ant-vel", low=1.0, high=1.5)
+    values = family.sample_tasks(500, np.random.default_rng(0))["velocity"]
+    assert values.between(1.0, 1.5).all()
+    with pytest.raises(ValueError, match="low < high"):
+        get_task_family("halfcheetah-vel", low=2.0, high=1.0)
+    with pytest.raises(ValueError, match="takes no options"):
+        get_task_family("halfcheetah-dir", low=0.0)
+    with pytest.raises(TypeError):
+        get_task_family("halfcheetah-vel", speed=1.0)
+
+
+def test_each_sub_env_has_its_own_task():
+    _, env = _make("halfcheetah-vel", [0.0, 2.0], dtype=torch.float64)
+    obs, _ = env.reset(seed=[11, 11])  # one seed per task: both sub-envs start identically
+    torch.testing.assert_close(obs[0], obs[1], rtol=0, atol=0)
+    before = _torso_x(env.envs[0])
+    obs, reward, *_ = env.step(torch.full((2, 6), 0.3, dtype=torch.float64))
+    torch.testing.assert_close(obs[0], obs[1], rtol=0, atol=0)  # same physics ...
+    v = (_torso_x(env.envs[0]) - before) / env.envs[0].unwrapped.dt
+    ctrl = 0.05 * 6 * 0.3**2
+    assert reward[0].item() == pytest.approx(-abs(v - 0.0) - ctrl)  # ... different tasks
+    assert reward[1].item() == pytest.approx(-abs(v - 2.0) - ctrl)
+    assert reward[0] != reward[1]
+
+
+def test_set_tasks_repoints_without_rebuilding():
+    family, env = _make("ant-vel", [0.5, 1.0], episodes=2)
+    envs = list(env.envs)
+    models = [e.unwrapped.model for e in env.envs]
+    new = family.sample_tasks(2, np.random.default_rng(9))
+    env.set_tasks(new)
+    assert all(a is b for a, b in zip(env.envs, envs, strict=True))
+    assert all(e.unwrapped.model is m for e, m in zip(env.envs, models, strict=True))
+    targets = [e.unwrapped.target for e in env.envs]
+    assert targets == np.repeat(new["velocity"].to_numpy(), 2).tolist()
+    torch.testing.assert_close(env.task_column("velocity"),
+                               torch.tensor(targets, dtype=torch.float32))
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(torch.zeros(4, 8))
+    env.reset(seed=0)
+    env.step(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="3 tasks"):
+        env.set_tasks(family.sample_tasks(3, np.random.default_rng(0)))
+
+
+def test_terminated_sub_env_freezes():
+    _, env = _make("ant-dir", [1.0, -1.0])
+    env.reset(seed=0)
+    inner = env.envs[0].unwrapped
+    qpos, qvel = inner.data.qpos.copy(), inner.data.qvel.copy()
+    qpos[2] = 2.0  # torso far above healthy_z_range (0.2, 1.0)
+    inner.set_state(qpos, qvel)
+    actions = torch.zeros(2, 8)
+    obs, reward, terminated, truncated, _ = env.step(actions)
+    assert terminated.tolist() == [True, False]
+    assert not truncated.any()
+    assert reward[0] != 0  # the terminating step itself is paid
+    time0, time1 = inner.data.time, env.envs[1].unwrapped.data.time
+    for _ in range(3):
+        obs2, reward2, terminated2, _, _ = env.step(torch.ones(2, 8))
+        assert terminated2.tolist() == [True, False]
+        assert reward2[0].item() == 0.0 and reward2[1].item() != 0.0
+        torch.testing.assert_close(obs2[0], obs[0])
+    assert inner.data.time == time0  # not stepped again
+    assert env.envs[1].unwrapped.data.time > time1
+    _, _ = env.reset(seed=0)
+    _, _, terminated3, _, _ = env.step(actions)
+    assert not terminated3.any()
+
+
+def test_same_seeds_same_trajectories_across_instances():
+    family = get_task_family("halfcheetah-dir")
+    tasks = family.sample_tasks(3, np.random.default_rng(1))
+    a = family.make_env(tasks, 2, horizon=20)
+    b = family.make_env(tasks, 2, horizon=20)
+    assert a.horizon == 20
+    oa, _ = a.reset(seed=42)
+    ob, _ = b.reset(seed=42)
+    torch.testing.assert_close(oa, ob, rtol=0, atol=0)
+    assert not torch.equal(oa[0], oa[1])  # different sub-envs get different seeds
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        act = torch.rand(6, 6, generator=gen) * 2 - 1
+        ra, rb = a.step(act), b.step(act)
+        for xa, xb in zip(ra[:4], rb[:4], strict=True):
+            torch.testing.assert_close(xa, xb, rtol=0, atol=0)
+    assert ra[0].dtype == torch.float32 and ra[1].dtype == torch.float32
+    assert ra[2].dtype == torch.bool and ra[3].dtype == torch.bool
+
+
+def test_inner_envs_have_no_time_limit():
+    _, env = _make("halfcheetah-vel", [1.0])
+    assert type(env.envs[0]) is HalfCheetahTaskEnv
+
+
+def test_ant_observation_option():
+    family = get_task_family("ant-dir", include_contact_forces=True)
+    assert family.observation_dim == 105
+    env = family.make_env(family.sample_tasks(1, np.random.default_rng(0)), 1)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (1, 105)
+    assert get_task_family("ant-dir").observation_dim == 27
+    with pytest.raises(ValueError, match="include_contact_forces"):
+        get_task_family("ant-vel", include_contact_forces="yes")
+
+
+def test_make_vec_registry_entry():
+    env = gymnasium.make_vec("maml/HalfCheetahVel-v0", num_envs=4)
+    assert isinstance(env, GymTaskVectorEnv) and env.num_envs == 4 and env.num_tasks == 4
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (4, 17)
+    env.step(torch.zeros(4, 6))
+    env.close()
+    tasks = get_task_family("ant-dir").sample_tasks(2, np.random.default_rng(0))
+    env = gymnasium.make_vec("maml/AntDir-v0", num_envs=4, tasks=tasks, horizon=10)
+    assert env.num_tasks == 2 and env.episodes_per_task == 2 and env.horizon == 10
+
+
+def test_task_tables_from_files(tmp_path):
+    path = tmp_path / "tasks.csv"
+    pd.DataFrame({"task_id": [3, 7], "direction": [1, -1]}).to_csv(path, index=False)
+    family = get_task_family("halfcheetah-dir")
+    env = family.make_env(pd.read_csv(path), 1)
+    assert [e.unwrapped.target for e in env.envs] == [1.0, -1.0]
+    assert all(isinstance(e.unwrapped.target, float) for e in env.envs)
+
+
+def test_bad_inputs():
+    family, env = _make("halfcheetah-vel", [1.0, 2.0])
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"shape \(2, 6\)"):
+        env.step(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"shape \(2, 6\)"):
+        env.step(torch.zeros(6))
+    with pytest.raises(ValueError, match="NaN"):
+        env.step(torch.full((2, 6), float("nan")))
+    with pytest.raises(ValueError, match="velocity"):
+        family.make_env(pd.DataFrame({"task_id": [0], "speed": [1.0]}), 1)
+    with pytest.raises(ValueError, match="direction must be"):
+        get_task_family("ant-dir").validate_tasks(
+            pd.DataFrame({"task_id": [0, 1], "direction": [1.0, 0.5]}))
+    with pytest.raises(ValueError, match="episodes_per_task"):
+        family.make_env(family.sample_tasks(1, np.random.default_rng(0)), 0)
