@@ -1,0 +1,156 @@
+"""Checkpoints: parameters, optimizer state, iteration, RNG state and config.
+
+A checkpoint is two files written atomically (temporary file, fsync, rename): tensors in
+``<name>.safetensors`` and a JSON manifest ``<name>.json`` that records the iteration, the
+config, the policy architecture, scalar optimizer state and the SHA-256 of the tensor file,
+verified on load. The manifest is written last, so a checkpoint without one is incomplete and
+ignored. No pickle is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^iter-(\d{6,})\.json$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or does not fit the policy."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict | None = None
+                 ) -> str:
+    """Atomically save tensors as safetensors; returns the file's SHA-256."""
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                   metadata={k: str(v) for k, v in (metadata or {}).items()})
+    atomic_write_bytes(path, data)
+    return sha256(data)
+
+
+def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"tensor file {str(path)!r} does not exist")
+    data = path.read_bytes()
+    if expected_sha256 is not None and sha256(data) != expected_sha256:
+        raise CheckpointError(f"{str(path)!r} is corrupt: its SHA-256 does not match the one "
+                              "recorded when it was written")
+    try:
+        return st_load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{str(path)!r} is not a valid safetensors file ({exc}); "
+                              "checkpoints are never read from pickle files") from None
+
+
+def save_checkpoint(directory: str | Path, iteration: int, meta_params: dict[str, Tensor],
+                    optimizer_tensors: dict[str, Tensor], optimizer_meta: dict, config: dict,
+                    architecture: dict, extra: dict | None = None) -> Path:
+    """Write ``iter-<iteration>.{safetensors,json}`` in ``directory``; returns the JSON path."""
+    directory = Path(directory)
+    stem = f"iter-{iteration:06d}"
+    tensors = {f"param/{k}": v for k, v in meta_params.items()}
+    tensors.update({f"optim/{k}": v for k, v in optimizer_tensors.items()})
+    tensors["rng/torch"] = torch.get_rng_state()
+    digest = save_tensors(directory / f"{stem}.safetensors", tensors)
+    manifest = {"format_version": FORMAT_VERSION, "iteration": int(iteration),
+                "tensors": f"{stem}.safetensors", "sha256": digest, "config": config,
+                "architecture": architecture, "optimizer": optimizer_meta, **(extra or {})}
+    path = directory / f"{stem}.json"
+    atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:
+    """Read a checkpoint manifest (``.json``) or its directory (latest). Returns
+    ``(manifest, meta_params, optimizer_tensors)``; the checksum is verified."""
+    path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"no complete checkpoint in {str(path)!r}")
+        path = latest
+    if path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint manifest {str(path)!r} is not valid JSON ({exc})"
+                              ) from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint manifest of format "
+                              f"{FORMAT_VERSION}")
+    tensors = load_tensors(path.parent / manifest["tensors"], manifest["sha256"])
+    params = {k[6:]: v for k, v in tensors.items() if k.startswith("param/")}
+    optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim/")}
+    if "rng/torch" in tensors:
+        manifest["rng_torch"] = tensors["rng/torch"]
+    return manifest, params, optim
+
+
+def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _NAME.match(p.name)
+        if m and (directory / p.name.replace(".json", ".safetensors")).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def check_params_fit(params: dict[str, Tensor], expected: dict[str, Tensor], source: str) -> None:
+    """Raise a clear error if ``params`` do not match the policy's names and shapes."""
+    missing = sorted(set(expected) - set(params))
+    extra = sorted(set(params) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{source} does not fit this policy: missing {missing}, "
+                              f"unexpected {extra} (was it saved with another architecture?)")
+    for k, v in expected.items():
+        if tuple(params[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: parameter {k!r} has shape "
+                                  f"{tuple(params[k].shape)}, the policy expects "
+                                  f"{tuple(v.shape)} (another architecture?)")

@@ -1,0 +1,198 @@
+"""Typed, validated configuration, loaded from YAML with ``yaml.safe_load``.
+
+Unknown keys and invalid values are rejected with a message that names the key. Overrides use
+dotted keys (``inner.step_size=0.05``) whose values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    family: str = "navigation2d"
+    horizon: int | None = Field(None, ge=1, description="episode length; family default if unset")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="family-specific constructor options")
+    test_tasks: str | None = Field(None, description="CSV/parquet of held-out tasks")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from maml_core.tasks import task_family_names
+
+        if value not in task_family_names():
+            raise ValueError(f"unknown task family {value!r}; known: {task_family_names()}")
+        return value
+
+
+class PolicyConfig(_Strict):
+    hidden_sizes: list[int] = Field(default_factory=lambda: [64, 64])
+    activation: Literal["tanh", "relu"] = "tanh"
+    init_log_std: float = 0.0
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(h < 1 for h in value):
+            raise ValueError("hidden_sizes must be a non-empty list of positive integers")
+        return value
+
+
+class InnerConfig(_Strict):
+    step_size: float = Field(0.1, gt=0, description="alpha, the inner step size")
+    num_steps: int = Field(1, ge=1)
+    first_order: bool = False
+    learn_step_size: bool = Field(False, description="Meta-SGD: learn one step size per weight")
+
+
+class MetaOptimizerConfig(_Strict):
+    name: Literal["adam", "sgd", "trpo", "promp"] = "trpo"
+    lr: float = Field(1e-3, gt=0, description="beta, for adam/sgd/promp")
+    max_grad_norm: float | None = Field(None, gt=0)
+    # TRPO
+    max_kl: float = Field(0.01, gt=0)
+    cg_iters: int = Field(10, ge=1)
+    cg_damping: float = Field(1e-5, ge=0)
+    line_search_steps: int = Field(15, ge=1)
+    line_search_backtrack: float = Field(0.8, gt=0, lt=1)
+    hvp_subsample: float = Field(1.0, gt=0, le=1,
+                                 description="fraction of tasks in the Hessian-vector products")
+    # ProMP-style clipped surrogate
+    clip_eps: float = Field(0.3, gt=0, lt=1)
+    epochs: int = Field(5, ge=1)
+    # Patience for rejected updates (NaN/Inf gradients or failed line searches in a row).
+    max_rejected_updates: int = Field(5, ge=1)
+
+
+class EvaluationConfig(_Strict):
+    every: int = Field(10, ge=0, description="evaluate every N iterations (0: never)")
+    num_tasks: int = Field(40, ge=1)
+    steps: int = Field(3, ge=0, description="adaptation steps in the curve (0..steps)")
+    episodes_per_task: int | None = Field(None, ge=1, description="default: training value")
+    seed: int = 1234
+
+
+class MAMLConfig(_Strict):
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "float64"] = "float32"
+    iterations: int = Field(100, ge=1)
+    meta_batch_size: int = Field(20, ge=1, description="tasks per meta-iteration")
+    episodes_per_task: int = Field(20, ge=1, description="episodes per task per adaptation step")
+    gamma: float = Field(0.99, gt=0, le=1)
+    gae_lambda: float = Field(1.0, ge=0, le=1)
+    normalize_advantages: bool = True
+    k_shot: int = Field(10, ge=1, description="supervised families: examples per task")
+    checkpoint_every: int = Field(10, ge=1)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    inner: InnerConfig = Field(default_factory=InnerConfig)
+    meta_optimizer: MetaOptimizerConfig = Field(default_factory=MetaOptimizerConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _check_family(self) -> MAMLConfig:
+        from maml_core.tasks import get_task_family
+
+        family = get_task_family(self.task.family, **self.task.options)  # validates options
+        if family.kind == "supervised" and self.meta_optimizer.name == "trpo":
+            raise ValueError("meta_optimizer.name: trpo needs a policy; supervised families "
+                             f"({self.task.family}) take adam or sgd")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device: cuda was asked for but torch sees no CUDA device; "
+                                 "set device: cpu")
+        return self
+
+    def family(self):
+        from maml_core.tasks import get_task_family
+
+        return get_task_family(self.task.family, **self.task.options)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/ for the valid keys)"
+        lines.append(f"{key}: {msg}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value "
+                              "(e.g. inner.step_size=0.05)")
+        key, raw = item.split("=", 1)
+        try:
+            out.append((key.strip(), yaml.safe_load(raw)))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return data
+
+
+def build_config(data: dict, overrides: list[str] | None = None,
+                 model: type[MAMLConfig] = MAMLConfig) -> MAMLConfig:
+    data = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides):
+        set_dotted(data, key, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                model: type[MAMLConfig] = MAMLConfig) -> MAMLConfig:
+    """Read, override and validate a YAML config."""
+    return build_config(read_yaml(path), overrides, model)

@@ -1,0 +1,213 @@
+"""Meta-optimizers: Adam/SGD on the meta-gradient, TRPO as in the paper, ProMP-style clipping.
+
+Each takes the meta-parameters (a dict of leaf tensors, updated in place) and a
+``MetaObjective``; ``step`` returns statistics. An update whose gradient is not finite, or a TRPO
+line search that finds no acceptable step, is *rejected*: the parameters stay as they were and
+``stats["rejected"]`` is 1. Optimizer state round-trips through ``state_dict`` as tensors (for
+safetensors) plus JSON-able scalars.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from maml_core.meta_objective import MetaObjective
+from maml_core.policies import Params
+
+
+def flat(tensors) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflat(vector: Tensor, like: Params) -> Params:
+    out, i = {}, 0
+    for k, v in like.items():
+        out[k] = vector[i:i + v.numel()].view_as(v)
+        i += v.numel()
+    return out
+
+
+def conjugate_gradient(hvp: Callable[[Tensor], Tensor], b: Tensor, iters: int,
+                       residual_tol: float = 1e-10) -> Tensor:
+    """Solve H x = b for symmetric positive-definite H given only x -> H x."""
+    x = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rdotr = r @ r
+    for _ in range(iters):
+        z = hvp(p)
+        alpha = rdotr / (p @ z)
+        x = x + alpha * p
+        r = r - alpha * z
+        new_rdotr = r @ r
+        if new_rdotr < residual_tol:
+            break
+        p = r + (new_rdotr / rdotr) * p
+        rdotr = new_rdotr
+    return x
+
+
+def _finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+class MetaOptimizer:
+    name = "base"
+
+    def __init__(self, meta_params: Params, config):
+        self.params = meta_params
+        self.config = config
+
+    def step(self, objective: MetaObjective) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        pass
+
+
+class GradientMetaOptimizer(MetaOptimizer):
+    """theta <- theta + beta * grad (Adam or plain SGD) on the policy-gradient meta-objective."""
+
+    def __init__(self, meta_params: Params, config):
+        super().__init__(meta_params, config)
+        self.name = config.name
+        cls = torch.optim.Adam if config.name == "adam" else torch.optim.SGD
+        self.torch_optimizer = cls(list(meta_params.values()), lr=config.lr)
+
+    def apply_loss(self, value_loss: Tensor) -> dict[str, float]:
+        params = list(self.params.values())
+        grads = torch.autograd.grad(value_loss, params)
+        gnorm = flat(grads).norm()
+        if not _finite(gnorm):
+            return {"grad_norm": float(gnorm), "rejected": 1.0}
+        if self.config.max_grad_norm is not None and gnorm > self.config.max_grad_norm:
+            grads = [g * (self.config.max_grad_norm / gnorm) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g
+        self.torch_optimizer.step()
+        self.torch_optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(gnorm), "rejected": 0.0}
+
+    def step(self, objective: MetaObjective) -> dict[str, float]:
+        value = objective(self.params, kind="pg", with_kl=False)
+        stats = self.apply_loss(value.loss)
+        return {"meta_loss": float(value.loss), **stats}
+
+    def state_dict(self):
+        tensors, meta = {}, {"steps": {}}
+        state = self.torch_optimizer.state_dict()
+        for idx, entry in state["state"].items():
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"{idx}.{key}"] = value.detach().clone()
+                else:
+                    meta["steps"][f"{idx}.{key}"] = value
+        return tensors, meta
+
+    def load_state_dict(self, tensors, meta):
+        state = self.torch_optimizer.state_dict()
+        entries: dict[int, dict] = {}
+        for name, value in tensors.items():
+            idx, key = name.split(".", 1)
+            entries.setdefault(int(idx), {})[key] = value.clone()
+        for name, value in meta.get("steps", {}).items():
+            idx, key = name.split(".", 1)
+            entries.setdefault(int(idx), {})[key] = value
+        state["state"] = entries
+        self.torch_optimizer.load_state_dict(state)
+
+
+class TRPOMetaOptimizer(MetaOptimizer):
+    """TRPO on the meta-objective (the paper): natural gradient by conjugate gradient on
+    Hessian-vector products of the KL (through the inner step), max-KL step, backtracking."""
+
+    name = "trpo"
+
+    def step(self, objective: MetaObjective) -> dict[str, float]:
+        cfg = self.config
+        params = list(self.params.values())
+        objective.set_old_policy(self.params)
+        value = objective(self.params, kind="surrogate", with_kl=False)
+        loss_before = value.loss.detach()
+        grads = torch.autograd.grad(value.loss, params)
+        g = flat(grads)
+        gnorm = g.norm()
+        if not _finite(g):
+            return {"meta_loss": float(loss_before), "grad_norm": float(gnorm),
+                    "rejected": 1.0, "line_search_steps": 0.0, "kl": float("nan")}
+        n = objective.batch.pre.num_tasks
+        if cfg.hvp_subsample < 1.0:
+            k = max(1, math.ceil(cfg.hvp_subsample * n))
+            kl = objective.kl_on_tasks(self.params, torch.arange(k))
+        else:
+            kl = objective(self.params, kind="surrogate", with_kl=True).kl
+        grad_kl = flat(torch.autograd.grad(kl, params, create_graph=True))
+
+        def hvp(v: Tensor) -> Tensor:
+            hv = torch.autograd.grad(grad_kl @ v, params, retain_graph=True)
+            return flat(hv) + cfg.cg_damping * v
+
+        direction = conjugate_gradient(hvp, -g, cfg.cg_iters)
+        shs = 0.5 * (direction @ hvp(direction))
+        if not (_finite(direction) and shs > 0):
+            return {"meta_loss": float(loss_before), "grad_norm": float(gnorm),
+                    "rejected": 1.0, "line_search_steps": 0.0, "kl": float("nan")}
+        full_step = direction * torch.sqrt(2.0 * cfg.max_kl / (2.0 * shs))
+        old = [p.detach().clone() for p in params]
+        for i in range(cfg.line_search_steps):
+            frac = cfg.line_search_backtrack ** i
+            with torch.no_grad():
+                for p, o, s in zip(params, old, unflat(full_step, self.params).values()):
+                    p.copy_(o + frac * s)
+            trial = objective({k: v.detach() for k, v in self.params.items()},
+                              kind="surrogate", with_kl=True)
+            loss, kl_new = float(trial.loss), float(trial.kl)
+            if math.isfinite(loss) and loss < float(loss_before) and kl_new <= cfg.max_kl:
+                return {"meta_loss": float(loss_before), "meta_loss_after": loss,
+                        "grad_norm": float(gnorm), "kl": kl_new, "rejected": 0.0,
+                        "line_search_steps": float(i + 1)}
+        with torch.no_grad():
+            for p, o in zip(params, old):
+                p.copy_(o)
+        return {"meta_loss": float(loss_before), "grad_norm": float(gnorm), "kl": float("nan"),
+                "rejected": 1.0, "line_search_steps": float(cfg.line_search_steps)}
+
+
+class ProMPMetaOptimizer(GradientMetaOptimizer):
+    """Several Adam epochs on the clipped surrogate of the post-adaptation policies."""
+
+    def __init__(self, meta_params: Params, config):
+        super().__init__(meta_params, config.model_copy(update={"name": "adam"}))
+        self.name = "promp"
+
+    def step(self, objective: MetaObjective) -> dict[str, float]:
+        objective.set_old_policy(self.params)
+        first, stats = None, {}
+        for _ in range(self.config.epochs):
+            value = objective(self.params, kind="clipped", clip_eps=self.config.clip_eps,
+                              with_kl=False)
+            first = float(value.loss) if first is None else first
+            stats = self.apply_loss(value.loss)
+            if stats["rejected"]:
+                break
+        with torch.no_grad():
+            after = objective({k: v.detach() for k, v in self.params.items()}, kind="clipped",
+                              clip_eps=self.config.clip_eps, with_kl=True)
+        return {"meta_loss": first, "meta_loss_after": float(after.loss), "kl": float(after.kl),
+                **stats}
+
+
+def make_meta_optimizer(meta_params: Params, config) -> MetaOptimizer:
+    if config.name in ("adam", "sgd"):
+        return GradientMetaOptimizer(meta_params, config)
+    if config.name == "trpo":
+        return TRPOMetaOptimizer(meta_params, config)
+    if config.name == "promp":
+        return ProMPMetaOptimizer(meta_params, config)
+    raise ValueError(f"unknown meta-optimizer {config.name!r}; choose adam, sgd, trpo or promp")

@@ -1,0 +1,238 @@
+"""The meta-learner: the stages of a meta-iteration as methods, and the loop that chains them.
+
+Each stage is a function of serializable inputs (task table, parameters, episodes) plus the
+learner's fixed parts (config, family, policy architecture), so the pipeline can run any of them
+alone. Every random draw derives from (run seed, iteration, stage, task id).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from maml_core.adaptation import adapt_policy, init_step_sizes, split_meta_params
+from maml_core.advantages import process_episodes
+from maml_core.checkpoint import (
+    CheckpointError,
+    check_params_fit,
+    load_checkpoint,
+    save_checkpoint,
+)
+from maml_core.config import MAMLConfig
+from maml_core.episodes import Episodes
+from maml_core.evaluation import adaptation_curve, summarize
+from maml_core.meta_objective import MetaBatch, MetaObjective
+from maml_core.optimizers import make_meta_optimizer
+from maml_core.policies import Params, build_policy
+from maml_core.rollouts import EnvPool, collect_episodes
+from maml_core.seeding import derive_seed, generator
+from maml_core.supervised import regression_curve, sample_support_query, supervised_meta_loss
+from maml_core.tasks.base import TASK_ID
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. repeated rejected updates)."""
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class MetaLearner:
+    """MAML for one configuration: the policy, the meta-parameters and the meta-optimizer."""
+
+    def __init__(self, config: MAMLConfig):
+        self.config = config
+        self.family = config.family()
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.rl = self.family.kind == "rl"
+        self.horizon = config.task.horizon or self.family.default_horizon
+        self.policy = build_policy(self.family, config.policy.hidden_sizes,
+                                   config.policy.activation, config.policy.init_log_std,
+                                   generator(derive_seed(config.seed, "init")))
+        self.policy.to(device=self.device, dtype=self.dtype)
+        params = self.policy.params()
+        if config.inner.learn_step_size:
+            params.update(init_step_sizes(params, config.inner.step_size))
+        self.meta_params: Params = {k: v.requires_grad_() for k, v in params.items()}
+        self.optimizer = make_meta_optimizer(self.meta_params, config.meta_optimizer)
+        self.iteration = 0
+        self.rejected_in_a_row = 0
+        self.pool = EnvPool(self.family, self.device, self.dtype) if self.rl else None
+
+    # ----------------------------------------------------------------- stages
+    def sample_tasks(self, iteration: int, n: int | None = None) -> pd.DataFrame:
+        rng = np.random.default_rng(derive_seed(self.config.seed, iteration, "sample_tasks"))
+        return self.family.sample_tasks(n or self.config.meta_batch_size, rng)
+
+    def collect(self, params: Params, tasks: pd.DataFrame, iteration: int, stage: str,
+                episodes_per_task: int | None = None) -> Episodes:
+        """Episodes of ``params`` (shared or one set per task) on ``tasks``, with advantages."""
+        cfg = self.config
+        env = self.pool.get(tasks, episodes_per_task or cfg.episodes_per_task, self.horizon)
+        seeds = [derive_seed(cfg.seed, iteration, stage, int(t)) for t in tasks[TASK_ID]]
+        theta, _ = split_meta_params(params)
+        episodes = collect_episodes(env, self.policy, theta, seeds, self.horizon)
+        return process_episodes(episodes, cfg.gamma, cfg.gae_lambda, cfg.normalize_advantages)
+
+    def adapt(self, pre: Episodes, meta_params: Params | None = None) -> Params:
+        """Adapted parameters (one set per task, detached) for sampling post-adaptation."""
+        inner = self.config.inner
+        with torch.no_grad():
+            phi, _ = adapt_policy(self.policy, self._detached(meta_params), pre, inner.step_size,
+                                  inner.num_steps, inner.first_order)
+        return phi
+
+    def objective(self, pre: Episodes, post: Episodes) -> MetaObjective:
+        inner = self.config.inner
+        return MetaObjective(self.policy, MetaBatch(pre, post), inner.step_size,
+                             inner.num_steps, inner.first_order)
+
+    def meta_update(self, pre: Episodes, post: Episodes) -> dict[str, float]:
+        """One meta-optimizer step on theta from pre- and post-adaptation episodes."""
+        stats = self.optimizer.step(self.objective(pre, post))
+        self._count_rejections(stats)
+        return stats
+
+    def evaluate(self, tasks: pd.DataFrame, steps: int | None = None,
+                 meta_params: Params | None = None, seed: int | None = None,
+                 episodes_per_task: int | None = None) -> pd.DataFrame:
+        """Per-task adaptation curve (RL: ``return``; supervised: ``mse``) for 0..steps."""
+        ev = self.config.evaluation
+        steps = ev.steps if steps is None else steps
+        seed = ev.seed if seed is None else seed
+        params = self._detached(meta_params)
+        if not self.rl:
+            return regression_curve(self.policy, params, self.family, tasks, self.config.k_shot,
+                                    steps, self.config.inner.step_size, seed, self.device,
+                                    self.dtype)
+        return adaptation_curve(self.pool, self.policy, params, tasks, steps,
+                                self.config.inner.step_size,
+                                episodes_per_task or ev.episodes_per_task
+                                or self.config.episodes_per_task, self.horizon,
+                                self.config.gamma, self.config.gae_lambda, seed,
+                                self.config.normalize_advantages)
+
+    # ----------------------------------------------------------------- loop
+    def step(self) -> IterationResult:
+        """One meta-iteration: sample tasks, collect, adapt, collect, meta-update."""
+        it = self.iteration
+        if not self.rl:
+            return self._supervised_step()
+        t0 = time.perf_counter()
+        tasks = self.sample_tasks(it)
+        pre = self.collect(self.meta_params, tasks, it, "pre")
+        t1 = time.perf_counter()
+        phi = self.adapt(pre)
+        t2 = time.perf_counter()
+        post = self.collect(phi, tasks, it, "post")
+        t3 = time.perf_counter()
+        stats = self.meta_update(pre, post)
+        t4 = time.perf_counter()
+        stats.update(pre_return=float(pre.task_returns().mean()),
+                     post_return=float(post.task_returns().mean()),
+                     env_steps=float(pre.num_steps + post.num_steps),
+                     seconds_sampling=(t1 - t0) + (t3 - t2), seconds_adaptation=t2 - t1,
+                     seconds_meta_update=t4 - t3, seconds_iteration=t4 - t0)
+        self.iteration += 1
+        return IterationResult(it, stats)
+
+    def _supervised_step(self) -> IterationResult:
+        it, cfg = self.iteration, self.config
+        t0 = time.perf_counter()
+        tasks = self.sample_tasks(it)
+        support, query = sample_support_query(self.family, tasks, cfg.k_shot, cfg.seed, it,
+                                              self.device, self.dtype)
+        loss, pre_loss = supervised_meta_loss(self.policy, self.meta_params, support, query,
+                                              cfg.inner.step_size, cfg.inner.num_steps,
+                                              cfg.inner.first_order)
+        stats = self.optimizer.apply_loss(loss)
+        self._count_rejections(stats)
+        stats.update(meta_loss=float(loss), pre_mse=float(pre_loss), post_mse=float(loss),
+                     seconds_iteration=time.perf_counter() - t0)
+        self.iteration += 1
+        return IterationResult(it, stats)
+
+    def train(self, iterations: int | None = None,
+              callback: Callable[[IterationResult], None] | None = None) -> list[IterationResult]:
+        results = []
+        end = iterations if iterations is not None else self.config.iterations
+        while self.iteration < end:
+            result = self.step()
+            results.append(result)
+            if callback is not None:
+                callback(result)
+        return results
+
+    def _count_rejections(self, stats: dict[str, float]) -> None:
+        if stats.get("rejected"):
+            self.rejected_in_a_row += 1
+            limit = self.config.meta_optimizer.max_rejected_updates
+            if self.rejected_in_a_row >= limit:
+                raise TrainingError(
+                    f"{self.rejected_in_a_row} meta-updates in a row were rejected (non-finite "
+                    f"meta-gradient or no acceptable TRPO step) at iteration {self.iteration}; "
+                    "lower the step sizes (inner.step_size, meta_optimizer.lr / max_kl)")
+        else:
+            self.rejected_in_a_row = 0
+
+    def _detached(self, meta_params: Params | None) -> Params:
+        return {k: v.detach() for k, v in (meta_params or self.meta_params).items()}
+
+    # ----------------------------------------------------------------- state
+    def held_out_tasks(self) -> pd.DataFrame:
+        """The evaluation task set: ``task.test_tasks`` if given, else a seeded draw."""
+        from maml_core.tasksets import load_task_set
+
+        ev = self.config.evaluation
+        if self.config.task.test_tasks:
+            return load_task_set(self.config.task.test_tasks, self.family)
+        rng = np.random.default_rng(derive_seed(ev.seed, "held_out_tasks"))
+        return self.family.sample_tasks(ev.num_tasks, rng)
+
+    def save(self, directory, extra: dict | None = None):
+        tensors, meta = self.optimizer.state_dict()
+        return save_checkpoint(directory, self.iteration, self._detached(None), tensors,
+                               {**meta, "rejected_in_a_row": self.rejected_in_a_row},
+                               self.config.model_dump(mode="json"), self.policy.architecture(),
+                               extra)
+
+    def load_params(self, params: Params, source: str) -> None:
+        check_params_fit(params, self.meta_params, source)
+        with torch.no_grad():
+            for k, v in self.meta_params.items():
+                v.copy_(params[k].to(v))
+
+    def restore(self, path) -> dict:
+        """Load parameters, optimizer state and iteration from a checkpoint."""
+        manifest, params, optim = load_checkpoint(path)
+        if manifest.get("architecture") != self.policy.architecture():
+            raise CheckpointError(f"checkpoint {str(path)!r} was saved for policy "
+                                  f"{manifest.get('architecture')}, but the config builds "
+                                  f"{self.policy.architecture()}")
+        self.load_params(params, f"checkpoint {str(path)!r}")
+        opt_meta = dict(manifest.get("optimizer", {}))
+        self.rejected_in_a_row = int(opt_meta.pop("rejected_in_a_row", 0))
+        self.optimizer.load_state_dict({k: v.to(self.device) for k, v in optim.items()},
+                                       opt_meta)
+        if "rng_torch" in manifest:
+            torch.set_rng_state(manifest["rng_torch"])
+        self.iteration = int(manifest["iteration"])
+        return manifest
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
+def summary_table(curve: pd.DataFrame) -> pd.DataFrame:
+    value = "return" if "return" in curve.columns else "mse"
+    return summarize(curve, value)
