@@ -156,7 +156,8 @@ class MetaLearner:
                                               cfg.inner.first_order)
         stats = self.optimizer.apply_loss(loss)
         self._count_rejections(stats)
-        stats.update(meta_loss=float(loss), pre_mse=float(pre_loss), post_mse=float(loss),
+        stats.update(meta_loss=float(loss.detach()), pre_mse=float(pre_loss),
+                     post_mse=float(loss.detach()),
                      seconds_iteration=time.perf_counter() - t0)
         self.iteration += 1
         return IterationResult(it, stats)
