@@ -44,7 +44,7 @@ def pretrained_params(learner, iterations: int, lr: float = 1e-2,
             (x, y), _ = sample_support_query(learner.family, tasks, cfg.k_shot, cfg.seed, it,
                                              learner.device, learner.dtype)
             loss = mse_loss(learner.policy, x, y)(expand_to_tasks(params, len(tasks))).mean()
-            score = float(loss)
+            score = float(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

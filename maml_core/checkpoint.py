@@ -120,6 +120,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor], dict[str
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{str(path)!r} is not a checkpoint manifest of format "
                               f"{FORMAT_VERSION}")
+    bad = [k for k in ("iteration", "tensors", "sha256")
+           if not isinstance(manifest.get(k), int if k == "iteration" else str)]
+    if bad:
+        raise CheckpointError(f"checkpoint manifest {str(path)!r} lacks valid {bad}")
     tensors = load_tensors(path.parent / manifest["tensors"], manifest["sha256"])
     params = {k[6:]: v for k, v in tensors.items() if k.startswith("param/")}
     optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim/")}

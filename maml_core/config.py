@@ -108,7 +108,10 @@ class MAMLConfig(_Strict):
     def _check_family(self) -> MAMLConfig:
         from maml_core.tasks import get_task_family
 
-        family = get_task_family(self.task.family, **self.task.options)  # validates options
+        try:  # validates options; an unknown option is a TypeError from the constructor
+            family = get_task_family(self.task.family, **self.task.options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"task.options: {exc}") from None
         if family.kind == "supervised" and self.meta_optimizer.name == "trpo":
             raise ValueError("meta_optimizer.name: trpo needs a policy; supervised families "
                              f"({self.task.family}) take adam or sgd")

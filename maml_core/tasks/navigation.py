@@ -79,6 +79,9 @@ class Navigation2D(TaskFamily):
                  terminate_at_goal: bool = True, goal_tolerance: float = 0.01):
         if not low < high:
             raise ValueError(f"navigation2d needs low < high, got low={low}, high={high}")
+        if not (max_action > 0 and goal_tolerance >= 0):
+            raise ValueError(f"navigation2d needs max_action > 0 and goal_tolerance >= 0, got "
+                             f"max_action={max_action}, goal_tolerance={goal_tolerance}")
         self.low, self.high = float(low), float(high)
         self.max_action = float(max_action)
         self.terminate_at_goal = bool(terminate_at_goal)

@@ -1,0 +1,93 @@
+"""Configuration: the shipped configs load, bad ones are rejected with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from maml_core.config import ConfigError, build_config, load_config, read_yaml
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["navigation2d", "sinusoid", "tabular-mdp"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.task.family == name
+
+
+def test_values_and_overrides():
+    cfg = load_config(CONFIGS / "navigation2d.yaml",
+                      ["inner.step_size=0.05", "policy.hidden_sizes=[8, 8]",
+                       "meta_optimizer.name=adam", "task.options.goal_tolerance=0.02",
+                       "inner.first_order=true"])
+    assert cfg.inner.step_size == 0.05 and cfg.policy.hidden_sizes == [8, 8]
+    assert cfg.meta_optimizer.name == "adam" and cfg.inner.first_order is True
+    assert cfg.family().goal_tolerance == 0.02
+    assert cfg.meta_batch_size == 20 and cfg.inner.num_steps == 1  # from the file
+    base = read_yaml(CONFIGS / "navigation2d.yaml")
+    build_config(base, ["seed=3"])
+    assert base["seed"] == 0  # the input mapping is not modified
+
+
+BAD = [
+    ({"iteratons": 10}, [], r"iteratons: unknown key"),
+    ({"inner": {"stepsize": 0.1}}, [], r"inner\.stepsize: unknown key"),
+    ({"evaluation": {"num_task": 3}}, [], r"evaluation\.num_task: unknown key"),
+    ({}, ["inner.step_size=-0.1"], r"inner\.step_size: .*greater than 0"),
+    ({"inner": {"step_size": 0}}, [], r"inner\.step_size: .*greater than 0"),
+    ({"task": {"family": "navigation3d"}}, [], r"task\.family: .*unknown task family "
+                                                r"'navigation3d'"),
+    ({"iterations": "many"}, [], r"iterations: .*valid integer"),
+    ({"policy": {"hidden_sizes": 64}}, [], r"policy\.hidden_sizes: .*valid list"),
+    ({"policy": {"activation": "sigmoid"}}, [], r"policy\.activation"),
+    ({"meta_optimizer": {"name": "rmsprop"}}, [], r"meta_optimizer\.name"),
+    ({"gamma": 1.5}, [], r"gamma: .*less than or equal to 1"),
+    ({"task": {"family": "sinusoid"}}, [], r"meta_optimizer\.name: trpo needs a policy"),
+    ({"task": {"family": "sinusoid"}, "meta_optimizer": {"name": "adam"}},
+     ["task.options.amp_low=5", "task.options.amp_high=1"], r"task\.options: .*amp_low"),
+    ({"task": {"family": "navigation2d", "options": {"low": 1.0, "high": 0.0}}}, [],
+     r"task\.options: navigation2d needs low < high"),
+    ({}, ["task.options.max_action=-0.1"], r"task\.options: .*max_action > 0"),
+]
+
+
+@pytest.mark.parametrize("data,overrides,message", BAD)
+def test_bad_configurations_name_the_key(data, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(data, overrides)
+
+
+def test_unknown_family_option_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"task\.options.*bogus"):
+        build_config({"task": {"family": "navigation2d", "options": {"bogus": 1}}})
+
+
+@pytest.mark.parametrize("override,message", [
+    ("inner.step_size", r"override 'inner\.step_size' must look like key=value"),
+    ("inner.step_size=[0.1", r"override 'inner\.step_size=\[0\.1': value is not valid YAML"),
+    ("seed.deeper=1", r"override seed\.deeper: 'seed' is not a section"),
+])
+def test_bad_override_syntax(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({"seed": 0}, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    path.write_text("seed: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("seed: 1\ninner:\n  num_step: 2\n")
+    with pytest.raises(ConfigError, match=r"inner\.num_step: unknown key"):
+        load_config(path)
+    # YAML is read safely: a Python object tag is refused, not constructed.
+    path.write_text("seed: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)

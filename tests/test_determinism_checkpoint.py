@@ -1,0 +1,184 @@
+"""Determinism and checkpoints: same seed, same bits; save/restore/resume equals an
+uninterrupted run; corrupt, foreign and pickle checkpoints are refused."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from maml_core.checkpoint import CheckpointError, load_checkpoint
+from maml_core.config import build_config
+from maml_core.trainer import MetaLearner
+
+torch.set_num_threads(1)
+
+N, K = 4, 2  # train to N, checkpoint at K
+
+
+def _config(family="navigation2d", optimizer="trpo", hidden=(16,), **extra):
+    data = {"seed": 7, "meta_batch_size": 4, "episodes_per_task": 4,
+            "task": {"family": family}, "policy": {"hidden_sizes": list(hidden)},
+            "meta_optimizer": {"name": optimizer, "lr": 0.01}, **extra}
+    if family == "navigation2d":
+        data["task"]["horizon"] = 20
+    return build_config(data)
+
+
+def _params(learner):
+    return {k: v.detach().clone() for k, v in learner.meta_params.items()}
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+CASES = [("navigation2d", "trpo", {}), ("navigation2d", "adam", {}),
+         ("navigation2d", "adam", {"inner": {"learn_step_size": True}}),
+         ("sinusoid", "adam", {})]
+
+
+@pytest.mark.parametrize("family,optimizer,extra", CASES)
+def test_same_seed_same_bits_and_resume_equals_uninterrupted(tmp_path, family, optimizer,
+                                                             extra):
+    cfg = _config(family, optimizer, **extra)
+    first = MetaLearner(cfg)
+    first.train(N)
+    second = MetaLearner(cfg)
+    second.train(N)
+    _assert_identical(_params(first), _params(second))
+    initial = _params(MetaLearner(cfg))
+    assert any(not torch.equal(initial[k], v) for k, v in _params(first).items())
+
+    interrupted = MetaLearner(cfg)
+    interrupted.train(K)
+    path = interrupted.save(tmp_path / "ckpt")
+    assert path.name == f"iter-{K:06d}.json"
+    interrupted.train(N)  # saving does not disturb the run
+    _assert_identical(_params(interrupted), _params(first))
+
+    resumed = MetaLearner(cfg)
+    manifest = resumed.restore(tmp_path / "ckpt")  # the directory: its latest checkpoint
+    assert resumed.iteration == K and manifest["iteration"] == K
+    resumed.train(N)
+    assert resumed.iteration == N
+    _assert_identical(_params(resumed), _params(first))
+
+    if optimizer == "adam":  # the Adam moments matter: parameters alone do not resume exactly
+        _, params, optim = load_checkpoint(path)
+        assert optim  # the moments and step counts were saved
+        only_params = MetaLearner(cfg)
+        only_params.load_params(params, "test")
+        only_params.iteration = K
+        only_params.train(N)
+        assert any(not torch.equal(v, _params(first)[k])
+                   for k, v in _params(only_params).items())
+    for lrn in (first, second, interrupted, resumed):
+        lrn.close()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    learner = MetaLearner(_config(optimizer="adam"))
+    learner.train(1)
+    return learner.save(tmp_path / "ckpt"), _params(learner)
+
+
+def test_checkpoint_round_trip(saved):
+    path, params = saved
+    manifest, loaded, _ = load_checkpoint(path)
+    _assert_identical(loaded, params)
+    assert manifest["iteration"] == 1 and manifest["config"]["seed"] == 7
+
+
+@pytest.mark.parametrize("where", [0.5, 0.99, 20])
+def test_corrupted_tensor_file_is_refused(saved, where):
+    path, _ = saved
+    tensors = path.with_suffix(".safetensors")
+    data = bytearray(tensors.read_bytes())
+    i = int(len(data) * where) if where < 1 else where  # data area, end, header
+    data[i] ^= 0x01
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        MetaLearner(_config(optimizer="adam")).restore(path)
+
+
+def test_truncated_manifest_and_missing_checkpoint_are_refused(saved, tmp_path):
+    path, _ = saved
+    manifest = json.loads(path.read_text())
+    for key in ("tensors", "sha256", "iteration"):
+        broken = tmp_path / f"no-{key}.json"
+        broken.write_text(json.dumps({k: v for k, v in manifest.items() if k != key}))
+        with pytest.raises(CheckpointError, match=f"lacks valid.*{key}"):
+            load_checkpoint(broken)
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nothing-here.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_checkpoint(tmp_path / "empty")
+    # A tensor file without its manifest (an interrupted save) is not a checkpoint.
+    (tmp_path / "empty" / "iter-000003.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_checkpoint_of_another_architecture_is_refused(saved):
+    path, _ = saved
+    other = MetaLearner(_config(optimizer="adam", hidden=(8,)))
+    with pytest.raises(CheckpointError, match=r"saved for policy .*16.* but the config builds"):
+        other.restore(path)
+    _, params, _ = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"layers\.0\.weight.*another architecture"):
+        other.load_params(params, "test")
+    meta_sgd = MetaLearner(_config(optimizer="adam", inner={"learn_step_size": True}))
+    with pytest.raises(CheckpointError, match=r"missing \['step_size\."):
+        meta_sgd.restore(path)
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: proof that the pickle was executed."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_is_refused_without_being_executed(saved, tmp_path):
+    path, _ = saved
+    # Control: this payload really does create its marker when unpickled.
+    control = tmp_path / "control-marker"
+    pickle.loads(pickle.dumps(_Payload(control))).close()
+    assert control.exists()
+
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(_Payload(marker))
+    learner = MetaLearner(_config(optimizer="adam"))
+    for name in ("evil.pkl", "evil.pt", "evil.json", "evil.safetensors"):
+        evil = tmp_path / name
+        evil.write_bytes(payload)
+        with pytest.raises(CheckpointError):
+            learner.restore(evil)
+        with pytest.raises(CheckpointError):
+            load_checkpoint(evil)
+    # A pickle in place of the tensor file, with a manifest whose checksum matches it.
+    import hashlib
+
+    tensors = path.with_suffix(".safetensors")
+    tensors.write_bytes(payload)
+    manifest = json.loads(path.read_text())
+    manifest["sha256"] = hashlib.sha256(payload).hexdigest()
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        learner.restore(path)
+    assert not marker.exists()
