@@ -1,0 +1,169 @@
+"""The ``maml`` command line: train, evaluate, retrain, schedule, stage, ui, lineage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from flows.settings import configure_environment
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maml", description="MAML meta-RL pipeline "
+                                "(Prefect flows, MLflow lineage)")
+    p.add_argument("--verbose", action="store_true", help="show Prefect/MLflow logs and "
+                   "full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="meta-train from a config")
+    t.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
+    t.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last "
+                   "checkpoint")
+    t.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.add_argument("--init-model", help="warm start from a model (e.g. models:/maml-policy"
+                   "@champion)")
+
+    e = sub.add_parser("evaluate", help="adaptation curve of a model on a task set")
+    e.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, champion, or a "
+                   "checkpoint (.json or directory)")
+    e.add_argument("--tasks", help="task set (CSV/parquet); default: the model's held-out set")
+    e.add_argument("--steps", type=int, default=3, help="adaptation steps (default 3)")
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--episodes", type=int, default=None, help="episodes per task and step")
+
+    r = sub.add_parser("retrain", help="warm-start from the champion, train, promote if better")
+    r.add_argument("config")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    s = sub.add_parser("schedule", help="serve the retrain flow on a cron schedule (needs a "
+                       "Prefect server)")
+    s.add_argument("config")
+    s.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
+    s.add_argument("--name", default="maml-retrain", help="deployment name")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    g = sub.add_parser("stage", help="run one stage alone on a stored iteration")
+    g.add_argument("name", choices=["sample_tasks", "collect_rollouts", "adapt", "meta_update",
+                                    "evaluate", "checkpoint"])
+    g.add_argument("--run", required=True, metavar="RUN_ID")
+    g.add_argument("--iteration", required=True, type=int)
+    g.add_argument("--phase", choices=["pre", "post"], default="pre",
+                   help="collect_rollouts: pre- or post-adaptation episodes")
+
+    u = sub.add_parser("ui", help="open the MLflow UI for the configured store (127.0.0.1)")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1")
+
+    lin = sub.add_parser("lineage", help="print a model's lineage back to the first training")
+    lin.add_argument("model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_environment(verbose=args.verbose)
+    from flows.errors import USER_ERRORS
+
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        print(f"maml {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; resume with `maml train --resume RUN_ID`", file=sys.stderr)
+        return 130
+
+
+def _print_summary(result: dict) -> None:
+    import pandas as pd
+
+    table = pd.DataFrame(result["summary"])
+    print()
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def cmd_train(args) -> int:
+    from flows.errors import UsageError
+    from flows.training import meta_train
+
+    if not args.config and not args.resume:
+        raise UsageError("give a config file (e.g. configs/navigation2d.yaml) or --resume RUN_ID")
+    if args.config and not Path(args.config).is_file():
+        raise UsageError(f"config file {args.config!r} does not exist")
+    result = meta_train(config_path=args.config, overrides=args.overrides or None,
+                        resume=args.resume, init_model=args.init_model)
+    _print_summary(result)
+    print(f"\nMLflow run: {result['run_id']}")
+    if result.get("model_version"):
+        print(f"Registered model: models:/{result['registered_model']}/"
+              f"{result['model_version']}")
+    print(f"Stage store: {result['store']}")
+    print("Look next: `maml ui` then open http://127.0.0.1:5000 (experiment 'maml'); "
+          f"`maml lineage models:/{result['registered_model']}/{result.get('model_version')}`")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from flows.evaluation import evaluate_model
+
+    result = evaluate_model(args.model, args.tasks, args.steps, args.seed, args.episodes)
+    _print_summary(result)
+    print(f"\nMLflow run: {result['run_id']}")
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    from flows.retrain import retrain
+
+    decision = retrain(config_path=args.config, overrides=args.overrides or None)
+    print(json.dumps(decision, indent=1, default=str))
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from flows.schedule import serve_retrain
+
+    return serve_retrain(args.config, args.cron, args.name, args.overrides)
+
+
+def cmd_stage(args) -> int:
+    from flows.rerun import rerun_stage
+
+    report = rerun_stage(args.name, args.run, args.iteration, args.phase)
+    print(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from flows import tracking
+
+    uri = tracking.load_tracking_config().tracking_uri
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    os.execv(sys.executable, cmd)
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    from flows import tracking
+
+    tracking.load_tracking_config().setup()
+    print(tracking.format_lineage(tracking.lineage(args.model)))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "retrain": cmd_retrain,
+            "schedule": cmd_schedule, "stage": cmd_stage, "ui": cmd_ui, "lineage": cmd_lineage}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

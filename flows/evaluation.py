@@ -1,0 +1,82 @@
+"""The ``evaluate`` flow: the adaptation curve of any model on any task set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, runtime
+
+from flows import plots, tracking
+from flows.config import load_run_config
+from maml_core.checkpoint import load_checkpoint
+from maml_core.tasksets import load_task_set
+from maml_core.trainer import MetaLearner, summary_table
+
+
+def load_model(model_ref: str) -> tuple[MetaLearner, dict]:
+    """A learner holding the parameters of ``model_ref``: a registry reference
+    (``models:/name@alias``, ``models:/name/3``, ``champion``...), or a checkpoint file or
+    directory (``iter-000050.json`` / a run's ``checkpoints/``)."""
+    path = Path(model_ref)
+    if path.exists():
+        manifest, params, _ = load_checkpoint(path)
+        learner = MetaLearner(load_run_config(data=manifest["config"]))
+        learner.load_params(params, f"checkpoint {model_ref!r}")
+        return learner, {"source": str(path), "iteration": manifest["iteration"]}
+    _, params, config, info = tracking.load_policy(model_ref)
+    learner = MetaLearner(load_run_config(data=config))
+    learner.load_params({**learner._detached(None), **params}, f"model {model_ref!r}")
+    return learner, info
+
+
+def compare_with_paper(summary: pd.DataFrame, family: str) -> pd.DataFrame:
+    """Our mean return per step beside the paper's MAML row (where the paper covers it)."""
+    paper = plots.paper_rows(family)
+    paper = paper[paper["method"] == "maml"][["gradient_steps", "mean_return", "ci95"]]
+    paper = paper.rename(columns={"gradient_steps": "step", "mean_return": "paper_mean_return",
+                                  "ci95": "paper_ci95"})
+    if "mean_return" not in summary:
+        return summary
+    return summary.merge(paper, on="step", how="left")
+
+
+@flow(name="evaluate", persist_result=False)
+def evaluate_model(model_ref: str, tasks_path: str | None = None, steps: int = 3,
+                   seed: int | None = None, episodes_per_task: int | None = None,
+                   log: bool = True) -> dict:
+    """Evaluate ``model_ref`` on the task set at ``tasks_path`` (default: the config's
+    held-out set) after 0..``steps`` adaptation steps; logs an MLflow run."""
+    learner, info = load_model(model_ref)
+    tasks = (load_task_set(tasks_path, learner.family) if tasks_path
+             else learner.held_out_tasks())
+    curve = learner.evaluate(tasks, steps, seed=seed, episodes_per_task=episodes_per_task)
+    summary = compare_with_paper(summary_table(curve), learner.config.task.family)
+    result = {"model": model_ref, "summary": summary.to_dict(orient="records"),
+              "curve": curve, "run_id": None}
+    if log:
+        tcfg = tracking.load_tracking_config()
+        tcfg.setup()
+        tags = {"maml.kind": "evaluation", "maml.evaluated_model": model_ref,
+                "prefect.flow_run_id": str(runtime.flow_run.id or "")}
+        if info.get("run_id"):
+            tags["mlflow.parentRunId"] = info["run_id"]
+        run_id = tracking.start_run(tcfg, f"evaluate-{learner.config.task.family}", tags)
+        tracking.log_params(run_id, {"model": model_ref, "tasks": tasks_path or "held-out",
+                                     "steps": steps, "seed": seed})
+        tracking.log_dataset(run_id, tasks, name=Path(tasks_path).stem if tasks_path
+                             else f"{learner.config.task.family}-held-out",
+                             source=tasks_path or "seeded draw", context="evaluation")
+        value = "mean_return" if "mean_return" in summary else "mean_mse"
+        for row in summary.itertuples():
+            tracking.log_metrics(run_id, {f"eval_{value}": float(getattr(row, value))},
+                                 int(row.step))
+        tracking.log_table(run_id, curve, "evaluation/per_task.csv")
+        tracking.log_table(run_id, summary, "evaluation/summary.csv")
+        tracking.log_figure(run_id, plots.adaptation_curve(
+            summary, learner.config.task.family, f"{model_ref} on {tasks_path or 'held-out'}"),
+            "plots/adaptation_curve.png")
+        tracking.end_run(run_id)
+        result["run_id"] = run_id
+    learner.close()
+    return result

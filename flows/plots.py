@@ -1,0 +1,100 @@
+"""Figures people would rather look at than read: learning, adaptation, trajectories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from maml_core.episodes import Episodes
+
+PAPER_RETURNS = Path(__file__).resolve().parent.parent / "data" / "maml_paper_rl_returns.csv"
+
+
+def paper_rows(family: str, path: Path = PAPER_RETURNS) -> pd.DataFrame:
+    """The MAML paper's returns for ``family`` (empty if the paper does not cover it)."""
+    if not path.is_file():
+        return pd.DataFrame(columns=["task_family", "method", "gradient_steps", "mean_return",
+                                    "ci95", "n_tasks", "note"])
+    table = pd.read_csv(path)
+    return table[table["task_family"] == family].reset_index(drop=True)
+
+
+def learning_curve(history: pd.DataFrame, title: str):
+    """Pre- and post-adaptation return (or MSE) per meta-iteration."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for col, label in (("pre_return", "before adaptation"), ("post_return", "after 1 step"),
+                       ("pre_mse", "before adaptation"), ("post_mse", "after adaptation")):
+        if col in history:
+            ax.plot(history["iteration"], history[col], label=label)
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("MSE" if "post_mse" in history else "mean return")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def adaptation_curve(summary: pd.DataFrame, family: str, title: str,
+                     others: dict[str, pd.DataFrame] | None = None):
+    """Mean return (95% CI) after 0..k steps, ours next to the paper's rows."""
+    value = "mean_return" if "mean_return" in summary else "mean_mse"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = {"ours": summary, **(others or {})}
+    for label, table in curves.items():
+        ax.errorbar(table["step"], table[value], yerr=table["ci95"], marker="o", capsize=3,
+                    label=label)
+    if value == "mean_return":
+        paper = paper_rows(family)
+        for method, rows in paper.groupby("method"):
+            ax.errorbar(rows["gradient_steps"], rows["mean_return"], yerr=rows["ci95"],
+                        marker="x", linestyle="--", alpha=0.6, capsize=2,
+                        label=f"paper: {method}")
+    ax.set_xlabel("adaptation steps")
+    ax.set_ylabel("mean return" if value == "mean_return" else "MSE")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def navigation_trajectories(tasks: pd.DataFrame, before: Episodes, after: Episodes,
+                            max_tasks: int = 4):
+    """Paths of the point before and after one adaptation step, with each task's goal."""
+    n = min(max_tasks, before.num_tasks)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+    for i in range(n):
+        ax = axes[0, i]
+        for eps, color, label in ((before, "tab:blue", "before"), (after, "tab:orange",
+                                                                     "after")):
+            obs = eps.observations[:, i].cpu().numpy()  # [T, E, 2]
+            mask = eps.masks[:, i].cpu().numpy()
+            for e in range(min(3, obs.shape[1])):
+                valid = mask[:, e] > 0
+                ax.plot(obs[valid, e, 0], obs[valid, e, 1], color=color, alpha=0.7,
+                        label=label if e == 0 else None)
+        ax.plot(tasks["goal_x"].iloc[i], tasks["goal_y"].iloc[i], "r*", markersize=12,
+                label="goal")
+        ax.plot(0, 0, "ko", markersize=4)
+        ax.set_xlim(-0.6, 0.6)
+        ax.set_ylim(-0.6, 0.6)
+        ax.set_aspect("equal")
+        ax.set_title(f"task {int(tasks['task_id'].iloc[i])}")
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

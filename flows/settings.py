@@ -1,0 +1,46 @@
+"""Local state and quiet defaults, applied before Prefect or MLflow are imported.
+
+All local state -- MLflow database and artifacts, Prefect home, stage store -- lives in one
+git-ignored folder, ``.maml/`` under the working directory (``MAML_HOME`` overrides it).
+Variables the user already set are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+
+def maml_home() -> Path:
+    return Path(os.environ.get("MAML_HOME", ".maml")).resolve()
+
+
+def configure_environment(verbose: bool = False) -> Path:
+    """Point Prefect at the local state folder and silence what a user cannot act on."""
+    home = maml_home()
+    home.mkdir(parents=True, exist_ok=True)
+    level = "INFO" if verbose else "WARNING"
+    defaults = {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_LOGGING_LEVEL": level,
+        # The temporary server logs cancelled background work when the process exits.
+        "PREFECT_SERVER_LOGGING_LEVEL": "INFO" if verbose else "CRITICAL",
+        "PREFECT_LOGGING_TO_API_ENABLED": "false" if not verbose else "true",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+        "GIT_PYTHON_REFRESH": "quiet",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "0"),
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    if not verbose:
+        for name in ("mlflow", "alembic", "prefect", "httpx", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="mlflow")
+        warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    return home

@@ -1,0 +1,186 @@
+"""One Prefect task per stage. Each is a thin wrapper around one ``MetaLearner`` method.
+
+A stage reads its inputs as arguments (in one process) or from the stage store (``maml stage``),
+writes its outputs to the store, and returns them. Stages are deterministic functions of their
+inputs -- seeds derive from (run seed, iteration, stage, task id) -- so a retry, or a re-run
+from the store, gives identical outputs. Failures that cannot heal (a bad config, a checkpoint
+that does not fit, repeated rejected updates) are not retried.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+from torch import Tensor
+
+from flows.config import RunConfig
+from flows.store import StageStore, StoreError
+from maml_core.checkpoint import CheckpointError
+from maml_core.config import ConfigError
+from maml_core.episodes import Episodes
+from maml_core.policies import Params
+from maml_core.tasksets import TaskSetError
+from maml_core.trainer import MetaLearner, TrainingError
+
+NON_RETRYABLE = (ConfigError, CheckpointError, TaskSetError, TrainingError, StoreError)
+OPTIM_PREFIX = "optim/"
+
+
+class InjectedFault(RuntimeError):
+    """A fault injected on purpose (``MAML_INJECT_FAULT``) to exercise retries."""
+
+
+_fired: set[str] = set()
+
+
+def maybe_inject_fault(stage: str, iteration: int) -> None:
+    """Fail once at ``stage@iteration`` when ``MAML_INJECT_FAULT`` names it (comma-separated)."""
+    wanted = os.environ.get("MAML_INJECT_FAULT", "")
+    key = f"{stage}@{iteration}"
+    if key in {w.strip() for w in wanted.split(",")} and key not in _fired:
+        _fired.add(key)
+        raise InjectedFault(f"injected fault in stage {stage} at iteration {iteration}")
+
+
+def retry_condition(task_obj, task_run, state) -> bool:
+    """Retry anything but errors that a retry cannot heal."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # result not available: treat as transient
+        return True
+    return not isinstance(exc, NON_RETRYABLE)
+
+
+@dataclass
+class PipelineContext:
+    """What every stage of a run shares (in-process only; never serialized)."""
+
+    learner: MetaLearner
+    store: StageStore
+    config: RunConfig
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, name: str, start: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def learner_state(learner: MetaLearner) -> tuple[dict[str, Tensor], dict]:
+    """Meta-parameters and optimizer state as one flat dict of tensors (+ JSON-able extras)."""
+    tensors, meta = learner.optimizer.state_dict()
+    out = {k: v.detach().clone() for k, v in learner.meta_params.items()}
+    out.update({OPTIM_PREFIX + k: v for k, v in tensors.items()})
+    return out, {"optimizer": meta, "rejected_in_a_row": learner.rejected_in_a_row}
+
+
+def load_learner_state(learner: MetaLearner, tensors: dict[str, Tensor], record: dict) -> None:
+    params = {k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)}
+    optim = {k[len(OPTIM_PREFIX):]: v.to(learner.device) for k, v in tensors.items()
+             if k.startswith(OPTIM_PREFIX)}
+    learner.load_params(params, "stored meta-parameters")
+    learner.optimizer.load_state_dict(optim, record.get("optimizer", {}))
+    learner.rejected_in_a_row = int(record.get("rejected_in_a_row", 0))
+
+
+def _task(name: str):
+    return task(name=name, cache_policy=NO_CACHE, persist_result=False,
+                retry_condition_fn=retry_condition)
+
+
+def stage_options(config: RunConfig, stage: str) -> dict:
+    p = config.pipeline
+    return {"retries": p.retries,
+            "retry_delay_seconds": exponential_backoff(p.retry_delay_seconds)
+            if p.retries else 0,
+            "retry_jitter_factor": p.retry_jitter_factor,
+            "timeout_seconds": getattr(p.timeouts, stage)}
+
+
+# --------------------------------------------------------------------------- stage bodies
+# Plain functions (usable without Prefect); the tasks below wrap them.
+
+def run_sample_tasks(ctx: PipelineContext, iteration: int) -> pd.DataFrame:
+    maybe_inject_fault("sample_tasks", iteration)
+    start = time.perf_counter()
+    tasks = ctx.learner.sample_tasks(iteration)
+    ctx.store.save_table(iteration, "tasks", tasks)
+    ctx.timed("sample_tasks", start)
+    return tasks
+
+
+def run_collect_rollouts(ctx: PipelineContext, iteration: int, phase: str, params: Params,
+                         tasks: pd.DataFrame) -> Episodes:
+    maybe_inject_fault("collect_rollouts", iteration)
+    start = time.perf_counter()
+    episodes = ctx.learner.collect(params, tasks, iteration, phase)
+    ctx.store.save_episodes(iteration, phase, episodes,
+                            {"mean_return": float(episodes.task_returns().mean()),
+                             "env_steps": episodes.num_steps})
+    ctx.timed(f"collect_{phase}", start)
+    return episodes
+
+
+def run_adapt(ctx: PipelineContext, iteration: int, theta: dict[str, Tensor],
+              pre: Episodes) -> Params:
+    maybe_inject_fault("adapt", iteration)
+    start = time.perf_counter()
+    params = {k: v for k, v in theta.items() if not k.startswith(OPTIM_PREFIX)}
+    adapted = ctx.learner.adapt(pre, params)
+    ctx.store.save_tensors(iteration, "adapted", adapted)
+    ctx.timed("adapt", start)
+    return adapted
+
+
+def run_meta_update(ctx: PipelineContext, iteration: int, theta: dict[str, Tensor],
+                    theta_record: dict, pre: Episodes, post: Episodes
+                    ) -> tuple[dict[str, Tensor], dict, dict[str, float]]:
+    maybe_inject_fault("meta_update", iteration)
+    start = time.perf_counter()
+    learner = ctx.learner
+    load_learner_state(learner, theta, theta_record)  # a retry starts from the same state
+    stats = learner.meta_update(pre, post)
+    new_state, record = learner_state(learner)
+    ctx.store.save_tensors(iteration, "meta_update", new_state, {**record, "stats": stats})
+    ctx.timed("meta_update", start)
+    return new_state, record, stats
+
+
+def run_evaluate(ctx: PipelineContext, iteration: int, tasks: pd.DataFrame,
+                 steps: int | None = None) -> pd.DataFrame:
+    maybe_inject_fault("evaluate", iteration)
+    start = time.perf_counter()
+    curve = ctx.learner.evaluate(tasks, steps)
+    ctx.store.save_evaluation(iteration, curve)
+    ctx.timed("evaluate", start)
+    return curve
+
+
+def run_checkpoint(ctx: PipelineContext, iteration: int, extra: dict | None = None):
+    maybe_inject_fault("checkpoint", iteration)
+    start = time.perf_counter()
+    path = ctx.learner.save(ctx.store.checkpoint_dir, extra)
+    ctx.timed("checkpoint", start)
+    return path
+
+
+sample_tasks = _task("sample_tasks")(run_sample_tasks)
+collect_rollouts = _task("collect_rollouts")(run_collect_rollouts)
+adapt = _task("adapt")(run_adapt)
+meta_update = _task("meta_update")(run_meta_update)
+evaluate = _task("evaluate")(run_evaluate)
+checkpoint = _task("checkpoint")(run_checkpoint)
+
+STAGE_TASKS = {"sample_tasks": sample_tasks, "collect_rollouts": collect_rollouts,
+               "adapt": adapt, "meta_update": meta_update, "evaluate": evaluate,
+               "checkpoint": checkpoint}
+
+
+def configured(config: RunConfig) -> dict:
+    """The stage tasks with the retries and timeouts of ``config``."""
+    return {name: t.with_options(**stage_options(config, name))
+            for name, t in STAGE_TASKS.items()}

@@ -1,0 +1,141 @@
+"""The stage store: every stage's outputs on disk, addressed by run and iteration.
+
+Layout under ``<root>/<run_id>/``::
+
+    config.json                       the resolved run config
+    iterations/000007/tasks.parquet   sample_tasks
+    iterations/000007/theta.safetensors       meta-parameters + optimizer state at the start
+    iterations/000007/pre.safetensors         collect_rollouts (pre-adaptation)
+    iterations/000007/adapted.safetensors     adapt
+    iterations/000007/post.safetensors        collect_rollouts (post-adaptation)
+    iterations/000007/meta_update.safetensors meta_update: new meta-parameters + optimizer state
+    iterations/000007/<stage>.json            statistics and checksums of each output
+    checkpoints/iter-000010.{safetensors,json}
+    evaluations/iter-000010.parquet
+
+Tensors go to safetensors, tables to parquet, small records to JSON; every write is atomic
+(temporary file, fsync, rename) and every tensor file's SHA-256 is checked on load. Only the
+last ``keep_last`` iterations are kept; checkpoints stay.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+from torch import Tensor
+
+from maml_core.checkpoint import atomic_write_bytes, load_tensors, save_tensors
+from maml_core.episodes import Episodes
+
+
+class StoreError(RuntimeError):
+    """The stage store lacks an input, or cannot be written."""
+
+
+class StageStore:
+    def __init__(self, root: str | Path, run_id: str):
+        self.root = Path(root)
+        self.run_id = run_id
+        self.run_dir = self.root / run_id
+
+    # ----------------------------------------------------------------- paths
+    def iteration_dir(self, iteration: int) -> Path:
+        return self.run_dir / "iterations" / f"{iteration:06d}"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.run_dir / "evaluations"
+
+    def ensure_writable(self) -> None:
+        """Fail early, with a clear message, if the store cannot be written."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-probe"
+            atomic_write_bytes(probe, b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(f"the stage store {str(self.run_dir)!r} cannot be written "
+                             f"({exc.strerror or exc}); free space or set MAML_HOME to a "
+                             "writable folder") from None
+
+    # ----------------------------------------------------------------- generic records
+    def write_json(self, path: Path, record: dict) -> None:
+        atomic_write_bytes(path, json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def read_json(self, path: Path) -> dict:
+        if not path.is_file():
+            raise StoreError(f"{str(path)!r} is not in the stage store")
+        return json.loads(path.read_text())
+
+    def save_config(self, config: dict) -> None:
+        self.write_json(self.run_dir / "config.json", config)
+
+    def load_config(self) -> dict:
+        return self.read_json(self.run_dir / "config.json")
+
+    # ----------------------------------------------------------------- stage outputs
+    def save_table(self, iteration: int, name: str, table: pd.DataFrame) -> Path:
+        path = self.iteration_dir(iteration) / f"{name}.parquet"
+        atomic_write_bytes(path, table.to_parquet(index=False))
+        return path
+
+    def load_table(self, iteration: int, name: str) -> pd.DataFrame:
+        path = self.iteration_dir(iteration) / f"{name}.parquet"
+        if not path.is_file():
+            raise StoreError(f"no {name!r} table for iteration {iteration} of run "
+                             f"{self.run_id} in {str(self.run_dir)!r}")
+        return pd.read_parquet(path)
+
+    def save_tensors(self, iteration: int, name: str, tensors: dict[str, Tensor],
+                     record: dict | None = None) -> str:
+        digest = save_tensors(self.iteration_dir(iteration) / f"{name}.safetensors", tensors)
+        self.write_json(self.iteration_dir(iteration) / f"{name}.json",
+                        {**(record or {}), "sha256": digest})
+        return digest
+
+    def load_tensors(self, iteration: int, name: str) -> tuple[dict[str, Tensor], dict]:
+        directory = self.iteration_dir(iteration)
+        record_path = directory / f"{name}.json"
+        if not record_path.is_file():
+            raise StoreError(f"no {name!r} output for iteration {iteration} of run "
+                             f"{self.run_id} in {str(self.run_dir)!r} (pruned, or the stage "
+                             "has not run)")
+        record = self.read_json(record_path)
+        return load_tensors(directory / f"{name}.safetensors", record["sha256"]), record
+
+    def save_episodes(self, iteration: int, name: str, episodes: Episodes,
+                      record: dict | None = None) -> str:
+        return self.save_tensors(iteration, name, episodes.to_tensors(), record)
+
+    def load_episodes(self, iteration: int, name: str) -> Episodes:
+        tensors, _ = self.load_tensors(iteration, name)
+        return Episodes.from_tensors(tensors)
+
+    def has_table(self, iteration: int, name: str) -> bool:
+        return (self.iteration_dir(iteration) / f"{name}.parquet").is_file()
+
+    def has(self, iteration: int, name: str) -> bool:
+        return (self.iteration_dir(iteration) / f"{name}.json").is_file()
+
+    def iterations(self) -> list[int]:
+        base = self.run_dir / "iterations"
+        if not base.is_dir():
+            return []
+        return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
+
+    def prune(self, keep_last: int) -> None:
+        """Drop all but the last ``keep_last`` iterations (checkpoints are kept apart)."""
+        for it in self.iterations()[:-keep_last]:
+            shutil.rmtree(self.iteration_dir(it), ignore_errors=True)
+
+    def save_evaluation(self, iteration: int, table: pd.DataFrame) -> Path:
+        path = self.evaluation_dir / f"iter-{iteration:06d}.parquet"
+        atomic_write_bytes(path, table.to_parquet(index=False))
+        return path

@@ -1,0 +1,186 @@
+"""The ``meta_train`` flow: the stages for N iterations, evaluation, checkpoints and lineage."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, runtime
+from tqdm.auto import tqdm
+
+from flows import plots, tracking
+from flows.config import RunConfig, load_run_config
+from flows.settings import maml_home
+from flows.stages import PipelineContext, configured, learner_state
+from flows.store import StageStore, StoreError
+from maml_core.checkpoint import latest_checkpoint
+from maml_core.trainer import MetaLearner, summary_table
+
+ITERATION_METRICS = ("pre_return", "post_return", "pre_mse", "post_mse", "meta_loss",
+                     "meta_loss_after", "kl", "grad_norm", "line_search_steps", "rejected",
+                     "env_steps")
+
+
+def store_root() -> Path:
+    return maml_home() / "store"
+
+
+def resolve_config(config_path: str | None, overrides: list[str] | None,
+                   config_data: dict | None, resume: str | None) -> RunConfig:
+    if resume and config_path is None and config_data is None:
+        store = StageStore(store_root(), resume)
+        try:
+            return load_run_config(data=store.load_config(), overrides=overrides)
+        except StoreError:
+            raise tracking.TrackingError(
+                f"cannot resume run {resume!r}: it has no stored config in "
+                f"{str(store.run_dir)!r} (is the run id right? `maml runs` lists them)") from None
+    return load_run_config(config_path, overrides, data=config_data)
+
+
+def _eval_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    value = "mean_return" if "mean_return" in summary else "mean_mse"
+    name = "eval_return" if value == "mean_return" else "eval_mse"
+    return {f"{name}_step_{int(r.step)}": float(getattr(r, value))
+            for r in summary.itertuples()}
+
+
+@flow(name="meta-train", persist_result=False, log_prints=False)
+def meta_train(config_path: str | None = None, overrides: list[str] | None = None,
+               resume: str | None = None, config_data: dict | None = None,
+               init_model: str | None = None, run_name: str | None = None,
+               progress: bool | None = None) -> dict:
+    """Meta-train a policy; returns a summary (run id, evaluation, model version)."""
+    config = resolve_config(config_path, overrides, config_data, resume)
+    tcfg = tracking.load_tracking_config()
+    tcfg.setup()
+    if resume:
+        run_id = tracking.require_run(resume)
+    else:
+        run_id = tracking.start_run(tcfg, run_name or f"meta-train-{config.task.family}",
+                                    {"maml.task_family": config.task.family,
+                                     "maml.kind": "meta-train"},
+                                    flow_run_id=str(runtime.flow_run.id or "") or None,
+                                    parent_model_version=init_model)
+    store = StageStore(store_root(), run_id)
+    store.ensure_writable()
+    learner = MetaLearner(config)
+    parent_version = None
+    if init_model and not resume:
+        _, params, _, info = tracking.load_policy(init_model)
+        learner.load_params({**learner._detached(None), **params}, f"model {init_model!r}")
+        parent_version = info.get("version")
+    if resume:
+        ckpt = latest_checkpoint(store.checkpoint_dir)
+        if ckpt is not None:
+            learner.restore(ckpt)
+        tracking.set_tags(run_id, {f"maml.resumed_at_{int(time.time())}":
+                                   str(learner.iteration)})
+    else:
+        store.save_config(config.model_dump(mode="json"))
+        tracking.log_params(run_id, config.model_dump(mode="json"))
+        tracking.log_config_artifact(run_id, config.model_dump(mode="json"))
+    held_out = learner.held_out_tasks()
+    if not resume:
+        tracking.log_dataset(run_id, held_out, name=f"{config.task.family}-held-out",
+                             source=config.task.test_tasks or "seeded draw",
+                             context="evaluation")
+    ctx = PipelineContext(learner, store, config)
+    stages = configured(config)
+    total = config.iterations
+    if progress is None:
+        progress = not os.environ.get("MAML_NO_PROGRESS")
+    bar = tqdm(total=total, initial=learner.iteration, disable=not progress, file=sys.stderr,
+               desc=f"meta-train {config.task.family}", unit="it", dynamic_ncols=True)
+    curve = None
+    try:
+        while learner.iteration < total:
+            it = learner.iteration
+            started = time.perf_counter()
+            ctx.timings.clear()
+            state, record = learner_state(learner)
+            store.save_tensors(it, "theta", state, record)
+            if learner.rl:
+                stats = _rl_iteration(ctx, stages, it, state, record)
+            else:
+                stats = learner.step().stats
+            elapsed = time.perf_counter() - started
+            stats.update({f"seconds_{k}": v for k, v in ctx.timings.items()})
+            stats["seconds_iteration"] = elapsed
+            learner.iteration = it + 1
+            tracking.log_metrics(run_id, {k: v for k, v in stats.items()
+                         if k in ITERATION_METRICS or k.startswith("seconds_")}, it)
+            done = it + 1
+            if config.evaluation.every and (done % config.evaluation.every == 0
+                                            or done == total):
+                curve = stages["evaluate"](ctx, done, held_out)
+                tracking.log_metrics(run_id, _eval_metrics(summary_table(curve)), done)
+            if done % config.checkpoint_every == 0 or done == total:
+                path = stages["checkpoint"](ctx, done)
+                tracking.log_checkpoint(run_id, path)
+            store.prune(config.pipeline.keep_last)
+            bar.set_postfix(_postfix(stats), refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    if curve is None:
+        curve = stages["evaluate"](ctx, learner.iteration, held_out)
+    summary = summary_table(curve)
+    _log_outputs(run_id, learner, config, curve, summary, held_out)
+    version = None
+    if config.pipeline.register_model:
+        version = tracking.log_policy_model(run_id, learner, tcfg.registered_model_name,
+                                            parent_version=parent_version)
+    tracking.end_run(run_id)
+    learner.close()
+    return {"run_id": run_id, "iterations": learner.iteration,
+            "summary": summary.to_dict(orient="records"),
+            "model_version": getattr(version, "version", None),
+            "registered_model": tcfg.registered_model_name, "store": str(store.run_dir)}
+
+
+def _rl_iteration(ctx: PipelineContext, stages: dict, it: int, state: dict,
+                  record: dict) -> dict[str, float]:
+    tasks = stages["sample_tasks"](ctx, it)
+    pre = stages["collect_rollouts"](ctx, it, "pre", state, tasks)
+    adapted = stages["adapt"](ctx, it, state, pre)
+    post = stages["collect_rollouts"](ctx, it, "post", adapted, tasks)
+    _, _, stats = stages["meta_update"](ctx, it, state, record, pre, post)
+    return {**stats, "pre_return": float(pre.task_returns().mean()),
+            "post_return": float(post.task_returns().mean()),
+            "env_steps": float(pre.num_steps + post.num_steps)}
+
+
+def _postfix(stats: dict[str, float]) -> dict[str, str]:
+    out = {}
+    for key, label in (("pre_return", "pre"), ("post_return", "post"), ("pre_mse", "pre"),
+                       ("post_mse", "post")):
+        if key in stats:
+            out[label] = f"{stats[key]:.2f}"
+    out["s/it"] = f"{stats['seconds_iteration']:.2f}"
+    return out
+
+
+def _log_outputs(run_id: str, learner: MetaLearner, config: RunConfig, curve: pd.DataFrame,
+                 summary: pd.DataFrame, held_out: pd.DataFrame) -> None:
+    """Evaluation tables and plots of the finished run, as MLflow artifacts."""
+    family = config.task.family
+    tracking.log_table(run_id, curve, "evaluation/per_task.csv")
+    tracking.log_table(run_id, summary, "evaluation/summary.csv")
+    history = tracking.metric_history(run_id, ["pre_return", "post_return", "pre_mse",
+                                               "post_mse"])
+    if not history.empty:
+        tracking.log_figure(run_id, plots.learning_curve(history, f"meta-training: {family}"),
+                            "plots/learning_curve.png")
+    tracking.log_figure(run_id, plots.adaptation_curve(summary, family,
+                                                       f"adaptation on held-out: {family}"),
+                        "plots/adaptation_curve.png")
+    if family == "navigation2d":
+        tasks = held_out.head(4)
+        before = learner.collect(learner.meta_params, tasks, 0, "plot")
+        after = learner.collect(learner.adapt(before), tasks, 0, "plot-adapted")
+        tracking.log_figure(run_id, plots.navigation_trajectories(tasks, before, after),
+                            "plots/navigation_trajectories.png")
