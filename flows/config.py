@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from maml_core.config import MAMLConfig, _Strict, build_config, read_yaml
+from maml_core.config import MAMLConfig, _Strict, build_config, load_config
 
 STAGES = ("sample_tasks", "collect_rollouts", "adapt", "meta_update", "evaluate", "checkpoint")
 
@@ -47,5 +47,5 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
                     data: dict | None = None) -> RunConfig:
     """Validated run config from a YAML file (or a dict), with ``key=value`` overrides."""
     if data is None:
-        data = read_yaml(path)
+        return load_config(path, overrides, RunConfig)
     return build_config(data, overrides, RunConfig)

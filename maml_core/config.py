@@ -195,7 +195,22 @@ def build_config(data: dict, overrides: list[str] | None = None,
         raise ConfigError(_format_error(err)) from None
 
 
+def _resolve_relative(config: MAMLConfig, config_path: Path) -> MAMLConfig:
+    """Make ``task.test_tasks`` absolute: relative to the working directory if it is there,
+    else to the config file's folder or the folder above it (``configs/`` beside ``data/``)."""
+    given = config.task.test_tasks
+    if not given or Path(given).is_absolute():
+        return config
+    here = config_path.resolve().parent
+    for base in (Path.cwd(), here, here.parent):
+        if (base / given).is_file():
+            config.task.test_tasks = str((base / given).resolve())
+            return config
+    raise ConfigError(f"task.test_tasks: {given!r} was found neither in the working directory "
+                      f"nor beside {str(config_path)!r}; give an existing CSV/parquet file")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None,
                 model: type[MAMLConfig] = MAMLConfig) -> MAMLConfig:
-    """Read, override and validate a YAML config."""
-    return build_config(read_yaml(path), overrides, model)
+    """Read, override and validate a YAML config; relative task-set paths become absolute."""
+    return _resolve_relative(build_config(read_yaml(path), overrides, model), Path(path))
