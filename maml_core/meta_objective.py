@@ -14,12 +14,20 @@ and the KL divergence between the sampling (old) and the new adapted policies on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from maml_core.adaptation import adapt_policy, masked_task_mean
+from maml_core.adaptation import (
+    InnerStep,
+    adapt_policy,
+    adapt_policy_with_inner_step,
+    masked_task_mean,
+    policy_gradient_loss,
+)
+from maml_core.allocator import tune_allocator
 from maml_core.episodes import Episodes
 from maml_core.policies import Params
 
@@ -45,6 +53,9 @@ class ObjectiveValue:
     task_losses: Tensor  # [N]
     kl: Tensor | None  # scalar mean KL(old || new), if an old policy was given
     adapted: Params  # batched adapted parameters
+    # The differentiable inner step (one second-order step with a scalar step size), for
+    # Hessian-vector products through it; None otherwise.
+    inner: InnerStep | None = None
 
 
 class MetaObjective:
@@ -52,32 +63,57 @@ class MetaObjective:
 
     def __init__(self, policy, batch: MetaBatch, step_size: float, num_steps: int = 1,
                  first_order: bool = False):
+        tune_allocator()
         self.policy, self.batch = policy, batch
         self.step_size, self.num_steps, self.first_order = step_size, num_steps, first_order
         post = batch.post
-        self._obs = post.task_major("observations")
-        self._actions = post.task_major("actions")
-        self._adv = post.task_major("advantages")
-        self._mask = post.task_major("masks")
+        # Task-major copies, made once and reused by every evaluation.
+        self._obs = post.task_major("observations").contiguous()
+        self._actions = post.task_major("actions").contiguous()
+        self._adv = post.task_major("advantages").contiguous()
+        self._mask = post.task_major("masks").contiguous()
+        self._inner_loss = policy_gradient_loss(policy, batch.pre)
         self.old_dist: tuple[Tensor, ...] | None = None
         self.old_log_prob: Tensor | None = None
 
+    def _adapt(self, meta_params: Params, create_graph: bool | None = None
+               ) -> tuple[Params, InnerStep | None]:
+        phi, _, inner = adapt_policy_with_inner_step(
+            self.policy, meta_params, self.batch.pre, self.step_size, self.num_steps,
+            self.first_order, create_graph, loss_fn=self._inner_loss)
+        return phi, inner
+
     def adapted(self, meta_params: Params, create_graph: bool | None = None) -> Params:
-        phi, _ = adapt_policy(self.policy, meta_params, self.batch.pre, self.step_size,
-                              self.num_steps, self.first_order, create_graph)
-        return phi
+        return self._adapt(meta_params, create_graph)[0]
 
     def set_old_policy(self, meta_params: Params) -> None:
         """Freeze the current adapted policies as the 'old' (sampling) policies."""
         with torch.no_grad():
             phi = self.adapted({k: v.detach() for k, v in meta_params.items()})
-            self.old_dist = tuple(d.detach() for d in self.policy.distribution(phi, self._obs))
-            self.old_log_prob = self.policy.log_prob_of(self.old_dist, self._actions)
+            self._set_old_dist(self.policy.distribution(phi, self._obs))
+
+    def _set_old_dist(self, dist: tuple[Tensor, ...]) -> None:
+        self.old_dist = tuple(d.detach() for d in dist)
+        self.old_log_prob = self.policy.log_prob_of(self.old_dist, self._actions)
 
     def __call__(self, meta_params: Params, kind: str = "pg", clip_eps: float = 0.2,
                  create_graph: bool | None = None, with_kl: bool = True) -> ObjectiveValue:
-        phi = self.adapted(meta_params, create_graph)
+        phi, inner = self._adapt(meta_params, create_graph)
         dist = self.policy.distribution(phi, self._obs)
+        return self._value(phi, inner, dist, kind, clip_eps, with_kl)
+
+    def at_old_policy(self, meta_params: Params, kind: str = "surrogate",
+                      clip_eps: float = 0.2) -> ObjectiveValue:
+        """``set_old_policy(meta_params)`` and ``self(meta_params, kind, with_kl=True)`` from one
+        adaptation and one forward pass: the old policies are the (detached) adapted policies
+        of this very evaluation, so the value and its derivatives are those of the two calls."""
+        phi, inner = self._adapt(meta_params)
+        dist = self.policy.distribution(phi, self._obs)
+        self._set_old_dist(dist)
+        return self._value(phi, inner, dist, kind, clip_eps, with_kl=True)
+
+    def _value(self, phi: Params, inner: InnerStep | None, dist: tuple[Tensor, ...], kind: str,
+               clip_eps: float, with_kl: bool) -> ObjectiveValue:
         log_prob = self.policy.log_prob_of(dist, self._actions)
         if kind == "pg":
             per_step = log_prob * self._adv
@@ -95,7 +131,46 @@ class MetaObjective:
         kl = None
         if with_kl and self.old_dist is not None:
             kl = masked_task_mean(self.policy.kl(self.old_dist, dist), self._mask).mean()
-        return ObjectiveValue(task_losses.mean(), task_losses, kl, phi)
+        return ObjectiveValue(task_losses.mean(), task_losses, kl, phi, inner)
+
+    def kl_hessian_product(self, meta_params: Params, value: ObjectiveValue
+                           ) -> Callable[[list[Tensor]], list[Tensor]]:
+        """``v -> (d^2 KL / d theta^2) v`` at ``meta_params``, the exact Hessian of the mean
+        KL(old || new) through the inner step, for ``value = self.at_old_policy(meta_params)``.
+
+        The KL is minimal (zero, with zero gradient) in the adapted parameters phi at the old
+        policies, so its Hessian in theta is exactly ``J^T (d^2 KL / d phi^2) J`` with ``J`` the
+        Jacobian of the inner step. With a one-step ``InnerStep`` this is computed as three
+        backward passes (``J v`` through the inner gradient, the KL's Hessian in phi, ``J^T``)
+        instead of differentiating through the gradient of the KL in theta, which would also
+        form the third derivatives of the inner loss only to multiply them by that zero
+        gradient. Otherwise (several or first-order inner steps, learned step sizes) it is the
+        plain double-backward product.
+        """
+        if value.kl is None:
+            raise ValueError("kl_hessian_product needs a value with its KL (at_old_policy)")
+        params = list(meta_params.values())
+        inner = value.inner
+        if inner is None or len(inner.leaves) != len(params):
+            grad_kl = torch.autograd.grad(value.kl, params, create_graph=True)
+
+            def generic(vectors: list[Tensor]) -> list[Tensor]:
+                dot = sum((g * v).sum() for g, v in zip(grad_kl, vectors))
+                return list(torch.autograd.grad(dot, params, retain_graph=True,
+                                                materialize_grads=True))
+
+            return generic
+        phi = list(value.adapted.values())
+        grad_kl_phi = torch.autograd.grad(value.kl, phi, create_graph=True)
+
+        def structured(vectors: list[Tensor]) -> list[Tensor]:
+            per_task = [v.unsqueeze(0).expand_as(g) for v, g in zip(vectors, inner.grads)]
+            jv = inner.jacobian_product(per_task)
+            fjv = torch.autograd.grad(grad_kl_phi, phi, grad_outputs=jv, retain_graph=True,
+                                      materialize_grads=True)
+            return [x.sum(0) for x in inner.jacobian_product(list(fjv))]
+
+        return structured
 
     def kl_on_tasks(self, meta_params: Params, tasks: Tensor) -> Tensor:
         """Mean KL(old || new) over a subset of tasks (for subsampled Hessian-vector products)."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from maml_core.meta_objective import MetaObjective
+from maml_core.meta_objective import MetaObjective, ObjectiveValue
 from maml_core.policies import Params
 
 
@@ -34,20 +34,33 @@ def unflat(vector: Tensor, like: Params) -> Params:
 def conjugate_gradient(hvp: Callable[[Tensor], Tensor], b: Tensor, iters: int,
                        residual_tol: float = 1e-10) -> Tensor:
     """Solve H x = b for symmetric positive-definite H given only x -> H x."""
+    return _conjugate_gradient(hvp, b, iters, residual_tol)[0]
+
+
+def _conjugate_gradient(hvp: Callable[[Tensor], Tensor], b: Tensor, iters: int,
+                        residual_tol: float = 1e-10) -> tuple[Tensor, Tensor]:
+    """``conjugate_gradient``, also returning ``H x``.
+
+    ``x = sum_k alpha_k p_k``, so by linearity ``H x = sum_k alpha_k H p_k`` is accumulated from
+    the products the iterations compute anyway (no extra Hessian-vector product, and no
+    reliance on the conjugacy of the directions).
+    """
     x = torch.zeros_like(b)
+    hx = torch.zeros_like(b)
     r, p = b.clone(), b.clone()
     rdotr = r @ r
     for _ in range(iters):
         z = hvp(p)
         alpha = rdotr / (p @ z)
         x = x + alpha * p
+        hx = hx + alpha * z
         r = r - alpha * z
         new_rdotr = r @ r
         if new_rdotr < residual_tol:
             break
         p = r + (new_rdotr / rdotr) * p
         rdotr = new_rdotr
-    return x
+    return x, hx
 
 
 def _finite(t: Tensor) -> bool:
@@ -97,7 +110,7 @@ class GradientMetaOptimizer(MetaOptimizer):
     def step(self, objective: MetaObjective) -> dict[str, float]:
         value = objective(self.params, kind="pg", with_kl=False)
         stats = self.apply_loss(value.loss)
-        return {"meta_loss": float(value.loss), **stats}
+        return {"meta_loss": float(value.loss.detach()), **stats}
 
     def state_dict(self):
         tensors, meta = {}, {"steps": {}}
@@ -132,29 +145,21 @@ class TRPOMetaOptimizer(MetaOptimizer):
     def step(self, objective: MetaObjective) -> dict[str, float]:
         cfg = self.config
         params = list(self.params.values())
-        objective.set_old_policy(self.params)
-        value = objective(self.params, kind="surrogate", with_kl=False)
+        # One adaptation and forward pass give the old policies, the surrogate and its KL.
+        value = objective.at_old_policy(self.params, kind="surrogate")
         loss_before = value.loss.detach()
-        grads = torch.autograd.grad(value.loss, params)
+        exact = cfg.hvp_subsample >= 1.0
+        grads = torch.autograd.grad(value.loss, params, retain_graph=exact)
         g = flat(grads)
         gnorm = g.norm()
         if not _finite(g):
             return {"meta_loss": float(loss_before), "grad_norm": float(gnorm),
                     "rejected": 1.0, "line_search_steps": 0.0, "kl": float("nan")}
-        n = objective.batch.pre.num_tasks
-        if cfg.hvp_subsample < 1.0:
-            k = max(1, math.ceil(cfg.hvp_subsample * n))
-            kl = objective.kl_on_tasks(self.params, torch.arange(k))
-        else:
-            kl = objective(self.params, kind="surrogate", with_kl=True).kl
-        grad_kl = flat(torch.autograd.grad(kl, params, create_graph=True))
-
-        def hvp(v: Tensor) -> Tensor:
-            hv = torch.autograd.grad(grad_kl @ v, params, retain_graph=True)
-            return flat(hv) + cfg.cg_damping * v
-
-        direction = conjugate_gradient(hvp, -g, cfg.cg_iters)
-        shs = 0.5 * (direction @ hvp(direction))
+        hvp = self._kl_hvp(objective, value if exact else None)
+        del value
+        direction, h_direction = _conjugate_gradient(hvp, -g, cfg.cg_iters)
+        del hvp  # free the graphs before the line search
+        shs = 0.5 * (direction @ h_direction)
         if not (_finite(direction) and shs > 0):
             return {"meta_loss": float(loss_before), "grad_norm": float(gnorm),
                     "rejected": 1.0, "line_search_steps": 0.0, "kl": float("nan")}
@@ -165,8 +170,9 @@ class TRPOMetaOptimizer(MetaOptimizer):
             with torch.no_grad():
                 for p, o, s in zip(params, old, unflat(full_step, self.params).values()):
                     p.copy_(o + frac * s)
-            trial = objective({k: v.detach() for k, v in self.params.items()},
-                              kind="surrogate", with_kl=True)
+            with torch.no_grad():  # (the inner step enables gradients where it needs them)
+                trial = objective({k: v.detach() for k, v in self.params.items()},
+                                  kind="surrogate", with_kl=True)
             loss, kl_new = float(trial.loss), float(trial.kl)
             if math.isfinite(loss) and loss < float(loss_before) and kl_new <= cfg.max_kl:
                 return {"meta_loss": float(loss_before), "meta_loss_after": loss,
@@ -178,6 +184,30 @@ class TRPOMetaOptimizer(MetaOptimizer):
         return {"meta_loss": float(loss_before), "grad_norm": float(gnorm), "kl": float("nan"),
                 "rejected": 1.0, "line_search_steps": float(cfg.line_search_steps)}
 
+    def _kl_hvp(self, objective: MetaObjective, value: ObjectiveValue | None
+                ) -> Callable[[Tensor], Tensor]:
+        """Damped KL Hessian-vector product on flat vectors: exact (all tasks, from ``value``),
+        or on the first ``hvp_subsample`` fraction of the tasks when ``value`` is None."""
+        cfg = self.config
+        if value is not None:
+            kl_hvp = objective.kl_hessian_product(self.params, value)
+
+            def hvp(v: Tensor) -> Tensor:
+                return flat(kl_hvp(list(unflat(v, self.params).values()))) + cfg.cg_damping * v
+
+            return hvp
+        params = list(self.params.values())
+        n = objective.batch.pre.num_tasks
+        k = max(1, math.ceil(cfg.hvp_subsample * n))
+        kl = objective.kl_on_tasks(self.params, torch.arange(k))
+        grad_kl = flat(torch.autograd.grad(kl, params, create_graph=True))
+
+        def subsampled(v: Tensor) -> Tensor:
+            hv = torch.autograd.grad(grad_kl @ v, params, retain_graph=True)
+            return flat(hv) + cfg.cg_damping * v
+
+        return subsampled
+
 
 class ProMPMetaOptimizer(GradientMetaOptimizer):
     """Several Adam epochs on the clipped surrogate of the post-adaptation policies."""
@@ -187,12 +217,15 @@ class ProMPMetaOptimizer(GradientMetaOptimizer):
         self.name = "promp"
 
     def step(self, objective: MetaObjective) -> dict[str, float]:
-        objective.set_old_policy(self.params)
         first, stats = None, {}
-        for _ in range(self.config.epochs):
-            value = objective(self.params, kind="clipped", clip_eps=self.config.clip_eps,
-                              with_kl=False)
-            first = float(value.loss) if first is None else first
+        for epoch in range(self.config.epochs):
+            if epoch == 0:  # the old policies come from the first epoch's own forward pass
+                value = objective.at_old_policy(self.params, kind="clipped",
+                                                clip_eps=self.config.clip_eps)
+            else:
+                value = objective(self.params, kind="clipped", clip_eps=self.config.clip_eps,
+                                  with_kl=False)
+            first = float(value.loss.detach()) if first is None else first
             stats = self.apply_loss(value.loss)
             if stats["rejected"]:
                 break

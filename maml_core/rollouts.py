@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from maml_core.allocator import tune_allocator
 from maml_core.episodes import Episodes
 from maml_core.policies import Params
 from maml_core.seeding import derive_seed, generator
@@ -49,6 +50,7 @@ def collect_episodes(env: TaskVectorEnv, policy, params: Params, seeds: list[int
     ``seeds`` holds one seed per task; each task's action noise and reset seeds derive from it.
     Returns episodes of shape [T, N, E, ...].
     """
+    tune_allocator()
     n, e = env.num_tasks, env.episodes_per_task
     if len(seeds) != n:
         raise ValueError(f"collect_episodes needs one seed per task ({n}), got {len(seeds)}")

@@ -1,0 +1,56 @@
+"""Keep freed tensor memory in the process instead of handing it back to the OS (glibc only).
+
+A meta-iteration allocates and frees thousands of short-lived tensors of a few megabytes (the
+activations of 20 tasks x 2000 steps x 64 units and their derivatives). With glibc's default
+settings, blocks of that size are served by ``mmap`` or released by trimming the heap on
+``free``, so every new tensor page-faults its memory in again: on a 2-core machine that was
+about 400,000 page faults and a third of the CPU time of a TRPO meta-update. Raising the mmap
+threshold to glibc's maximum (32 MiB) and the trim threshold to 512 MiB serves these blocks from
+the heap and reuses them. Peak memory is unchanged (it is the same working set); at most 512 MiB
+of free memory stays reserved at the top of the heap.
+
+``tune_allocator`` is called once per process by the rollout and meta-objective code. It does
+nothing off glibc, when ``MAML_MALLOC_TUNING=0``, or when the process was started with its own
+malloc settings (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES``).
+It changes no numbers, only where memory comes from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's upper limit for this setting on 64-bit systems
+TRIM_THRESHOLD = 512 * 1024 * 1024
+
+_done = False
+_applied = False
+
+
+def tune_allocator() -> bool:
+    """Apply the malloc settings once per process; True if they are in effect."""
+    global _done, _applied
+    if _done:
+        return _applied
+    _done = True
+    if not sys.platform.startswith("linux") or os.environ.get("MAML_MALLOC_TUNING") == "0":
+        return False
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                     "GLIBC_TUNABLES")):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (e.g. musl): leave it be
+            return False
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                    and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _applied

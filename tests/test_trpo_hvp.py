@@ -1,0 +1,115 @@
+"""TRPO's fast paths: the KL Hessian-vector product through the inner step (structured as
+J^T (d^2 KL / d phi^2) J) against plain double backward and finite differences, the fused
+old-policy evaluation, and conjugate gradient's accumulated H x."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maml_core.config import build_config
+from maml_core.optimizers import _conjugate_gradient, conjugate_gradient, flat
+from maml_core.trainer import MetaLearner
+
+
+def _objective(family="navigation2d", activation="tanh", **inner):
+    config = build_config({"seed": 3, "dtype": "float64", "meta_batch_size": 3,
+                           "episodes_per_task": 4, "iterations": 2,
+                           "task": {"family": family, "horizon": 12},
+                           "policy": {"hidden_sizes": [8], "activation": activation},
+                           "inner": {"step_size": 0.5, **inner},
+                           "meta_optimizer": {"name": "trpo"}})
+    learner = MetaLearner(config)
+    learner.step()  # move away from the initialization
+    tasks = learner.sample_tasks(1)
+    pre = learner.collect(learner.meta_params, tasks, 1, "pre")
+    post = learner.collect(learner.adapt(pre), tasks, 1, "post")
+    return learner, learner.objective(pre, post)
+
+
+def _vectors(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+
+
+@pytest.mark.parametrize("family,activation", [("navigation2d", "tanh"),
+                                               ("navigation2d", "relu"),
+                                               ("tabular-mdp", "tanh")])
+def test_structured_kl_hvp_equals_double_backward(family, activation):
+    learner, objective = _objective(family, activation)
+    params = list(learner.meta_params.values())
+    value = objective.at_old_policy(learner.meta_params)
+    assert value.inner is not None  # the structured path is the one under test
+    hvp = objective.kl_hessian_product(learner.meta_params, value)
+    grad_kl = torch.autograd.grad(value.kl, params, create_graph=True)
+    for seed in range(3):
+        v = _vectors(params, seed)
+        dot = sum((g * x).sum() for g, x in zip(grad_kl, v))
+        expected = flat(torch.autograd.grad(dot, params, retain_graph=True))
+        got = flat(hvp(v))
+        assert float((got - expected).norm() / expected.norm()) < 1e-10
+    learner.close()
+
+
+def test_kl_hvp_matches_finite_differences_of_the_kl_gradient():
+    learner, objective = _objective()
+    theta = {k: v.detach() for k, v in learner.meta_params.items()}
+    value = objective.at_old_policy(learner.meta_params)
+    hvp = objective.kl_hessian_product(learner.meta_params, value)
+    v = _vectors(theta.values(), 7)
+
+    def kl_grad(shift):
+        leaves = {k: (t + shift * d).requires_grad_() for (k, t), d in zip(theta.items(), v)}
+        kl = objective(leaves, kind="surrogate").kl
+        return flat(torch.autograd.grad(kl, list(leaves.values())))
+
+    eps = 1e-5
+    fd = (kl_grad(eps) - kl_grad(-eps)) / (2 * eps)
+    got = flat(hvp(v))
+    assert float((got - fd).norm() / fd.norm()) < 1e-5
+    learner.close()
+
+
+@pytest.mark.parametrize("inner", [{"num_steps": 2}, {"first_order": True},
+                                   {"learn_step_size": True}])
+def test_kl_hvp_falls_back_to_double_backward(inner):
+    learner, objective = _objective(**inner)
+    params = list(learner.meta_params.values())
+    value = objective.at_old_policy(learner.meta_params)
+    assert value.inner is None
+    hvp = objective.kl_hessian_product(learner.meta_params, value)
+    grad_kl = torch.autograd.grad(value.kl, params, create_graph=True)
+    v = _vectors(params, 1)
+    dot = sum((g * x).sum() for g, x in zip(grad_kl, v))
+    expected = flat(torch.autograd.grad(dot, params, retain_graph=True))
+    torch.testing.assert_close(flat(hvp(v)), expected, rtol=1e-12, atol=1e-14)
+    learner.close()
+
+
+@pytest.mark.parametrize("kind", ["surrogate", "clipped"])
+def test_at_old_policy_equals_set_old_policy_then_call(kind):
+    learner, objective = _objective()
+    params = list(learner.meta_params.values())
+    fused = objective.at_old_policy(learner.meta_params, kind=kind)
+    fused_old = objective.old_log_prob.clone()
+    fused_grad = flat(torch.autograd.grad(fused.loss, params, retain_graph=True))
+    objective.set_old_policy(learner.meta_params)
+    torch.testing.assert_close(objective.old_log_prob, fused_old, rtol=1e-12, atol=1e-12)
+    plain = objective(learner.meta_params, kind=kind, with_kl=True)
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fused.kl, plain.kl, rtol=1e-12, atol=1e-14)
+    plain_grad = flat(torch.autograd.grad(plain.loss, params))
+    torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-10, atol=1e-14)
+    learner.close()
+
+
+def test_conjugate_gradient_returns_h_times_solution():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    h = a @ a.T + 0.5 * torch.eye(12, dtype=torch.float64)
+    b = torch.randn(12, generator=g, dtype=torch.float64)
+    x, hx = _conjugate_gradient(lambda v: h @ v, b, iters=6)
+    torch.testing.assert_close(hx, h @ x, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(conjugate_gradient(lambda v: h @ v, b, iters=6), x)
+    x_full, _ = _conjugate_gradient(lambda v: h @ v, b, iters=50)
+    torch.testing.assert_close(h @ x_full, b, rtol=1e-8, atol=1e-8)
