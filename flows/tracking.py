@@ -635,11 +635,17 @@ def log_table(run_id: str, df: pd.DataFrame, artifact_file: str) -> str:
 
 
 def log_figure(run_id: str, figure, artifact_file: str, dpi: int = 120) -> str:
-    """Save a matplotlib figure as PNG and log it; returns the artifact path."""
+    """Save a matplotlib figure as PNG, log it and close it; returns the artifact path."""
+    import matplotlib.pyplot as plt
+
     if Path(artifact_file).suffix != ".png":
         artifact_file += ".png"
-    return _log_file(run_id, artifact_file,
-                     lambda p: figure.savefig(p, format="png", dpi=dpi, bbox_inches="tight"))
+    try:
+        return _log_file(run_id, artifact_file,
+                         lambda p: figure.savefig(p, format="png", dpi=dpi,
+                                                  bbox_inches="tight"))
+    finally:
+        plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------- models

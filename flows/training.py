@@ -96,6 +96,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
     bar = tqdm(total=total, initial=learner.iteration, disable=not progress, file=sys.stderr,
                desc=f"meta-train {config.task.family}", unit="it", dynamic_ncols=True)
     curve = None
+    wall: list[float] = []  # per iteration, stage store and MLflow logging included
     try:
         while learner.iteration < total:
             it = learner.iteration
@@ -124,6 +125,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             store.prune(config.pipeline.keep_last)
             bar.set_postfix(_postfix(stats), refresh=False)
             bar.update(1)
+            wall.append(time.perf_counter() - started)
     finally:
         bar.close()
     if curve is None:
@@ -139,7 +141,8 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
     return {"run_id": run_id, "iterations": learner.iteration,
             "summary": summary.to_dict(orient="records"),
             "model_version": getattr(version, "version", None),
-            "registered_model": tcfg.registered_model_name, "store": str(store.run_dir)}
+            "registered_model": tcfg.registered_model_name, "store": str(store.run_dir),
+            "iteration_seconds": wall}
 
 
 def _rl_iteration(ctx: PipelineContext, stages: dict, it: int, state: dict,

@@ -218,7 +218,7 @@ def test_artifacts(exp, tmp_path):
 
 # ---------------------------------------------------------------------------------- models
 def test_model_logged_registered_aliased_and_reloaded(exp, learner, tmp_path):
-    name = "maml-policy"
+    name = "tracking-test-policy"
     run_id = tracking.start_run(exp, "model")
     learner.iteration = 7
     mv = tracking.log_policy_model(run_id, learner, name)
@@ -234,6 +234,7 @@ def test_model_logged_registered_aliased_and_reloaded(exp, learner, tmp_path):
 
     obs = np.random.default_rng(0).normal(size=(32, 2)).astype(np.float32)
     expected = learner.policy(torch.as_tensor(obs)).detach().numpy()
+    exp.model_copy(update={"registered_model_name": name}).setup()  # for "alias:champion"
     for ref in (f"models:/{name}@champion", "alias:champion", f"models:/{name}/{mv.version}",
                 int(mv.version), run_id):
         policy, params, config, info = tracking.load_policy(ref)
@@ -297,7 +298,7 @@ def test_pickled_pyfunc_models_are_refused(exp, tmp_path):
 
 def test_missing_model_references(exp, learner):
     with pytest.raises(tracking.TrackingError, match="has no version 99"):
-        tracking.load_policy("models:/maml-policy/99")
+        tracking.load_policy("models:/tracking-test-policy/99")
     with pytest.raises(tracking.TrackingError, match="has no alias 'champion'"):
         tracking.load_policy("models:/never-registered@champion")
     with pytest.raises(tracking.TrackingError, match="not a model reference"):
