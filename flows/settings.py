@@ -44,3 +44,34 @@ def configure_environment(verbose: bool = False) -> Path:
         warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     return home
+
+
+def deprioritize_local_server(niceness: int = 15) -> list[int]:
+    """Run Prefect's temporary local server at low CPU priority (Linux).
+
+    With no ``PREFECT_API_URL``, Prefect serves its API from a child process of this one; on a
+    small machine that process competes with training for the cores and makes every stage
+    slower. At a low priority it records task runs in the gaps instead. Returns the process
+    ids it reniced (none when a real server is configured or nothing is found).
+    """
+    if os.environ.get("PREFECT_API_URL") or not Path("/proc").is_dir():
+        return []
+    me = str(os.getpid())
+    changed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = stat.rsplit(")", 1)[1].split()[1]
+            if ppid != me:
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "prefect.server" in cmdline or "uvicorn" in cmdline:
+                pid = int(entry.name)
+                os.setpriority(os.PRIO_PROCESS, pid, max(niceness,
+                                                         os.getpriority(os.PRIO_PROCESS, pid)))
+                changed.append(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return changed

@@ -65,6 +65,10 @@ class PipelineContext:
     store: StageStore
     config: RunConfig
     timings: dict[str, float] = field(default_factory=dict)
+    # The state dict the learner holds right now (None once it may have changed), so that an
+    # in-process meta_update need not reload what the learner already has.
+    loaded_state: dict | None = None
+    loaded_record: dict | None = None
 
     def timed(self, name: str, start: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
@@ -142,9 +146,12 @@ def run_meta_update(ctx: PipelineContext, iteration: int, theta: dict[str, Tenso
     maybe_inject_fault("meta_update", iteration)
     start = time.perf_counter()
     learner = ctx.learner
-    load_learner_state(learner, theta, theta_record)  # a retry starts from the same state
+    if ctx.loaded_state is not theta:  # a retry or a lone re-run starts from the stored state
+        load_learner_state(learner, theta, theta_record)
+    ctx.loaded_state = None
     stats = learner.meta_update(pre, post)
     new_state, record = learner_state(learner)
+    ctx.loaded_state, ctx.loaded_record = new_state, record
     ctx.store.save_tensors(iteration, "meta_update", new_state, {**record, "stats": stats})
     ctx.timed("meta_update", start)
     return new_state, record, stats

@@ -36,10 +36,19 @@ class StoreError(RuntimeError):
 
 
 class StageStore:
-    def __init__(self, root: str | Path, run_id: str):
+    def __init__(self, root: str | Path, run_id: str, writer=None):
+        """``writer`` (a ``flows.writer.BackgroundWriter``) makes stage-output writes
+        asynchronous; without one every write completes before the call returns."""
         self.root = Path(root)
         self.run_id = run_id
         self.run_dir = self.root / run_id
+        self.writer = writer
+
+    def _write(self, fn, *args) -> None:
+        if self.writer is None:
+            fn(*args)
+        else:
+            self.writer.submit(fn, *args)
 
     # ----------------------------------------------------------------- paths
     def iteration_dir(self, iteration: int) -> Path:
@@ -83,7 +92,7 @@ class StageStore:
     # ----------------------------------------------------------------- stage outputs
     def save_table(self, iteration: int, name: str, table: pd.DataFrame) -> Path:
         path = self.iteration_dir(iteration) / f"{name}.parquet"
-        atomic_write_bytes(path, table.to_parquet(index=False))
+        self._write(lambda: atomic_write_bytes(path, table.to_parquet(index=False)))
         return path
 
     def load_table(self, iteration: int, name: str) -> pd.DataFrame:
@@ -94,11 +103,16 @@ class StageStore:
         return pd.read_parquet(path)
 
     def save_tensors(self, iteration: int, name: str, tensors: dict[str, Tensor],
-                     record: dict | None = None) -> str:
-        digest = save_tensors(self.iteration_dir(iteration) / f"{name}.safetensors", tensors)
-        self.write_json(self.iteration_dir(iteration) / f"{name}.json",
-                        {**(record or {}), "sha256": digest})
-        return digest
+                     record: dict | None = None) -> None:
+        """Tensors to ``<name>.safetensors``, then ``<name>.json`` with their SHA-256 (the
+        record is written last: an output without one is incomplete)."""
+        directory = self.iteration_dir(iteration)
+
+        def write() -> None:
+            digest = save_tensors(directory / f"{name}.safetensors", tensors)
+            self.write_json(directory / f"{name}.json", {**(record or {}), "sha256": digest})
+
+        self._write(write)
 
     def load_tensors(self, iteration: int, name: str) -> tuple[dict[str, Tensor], dict]:
         directory = self.iteration_dir(iteration)
@@ -111,8 +125,8 @@ class StageStore:
         return load_tensors(directory / f"{name}.safetensors", record["sha256"]), record
 
     def save_episodes(self, iteration: int, name: str, episodes: Episodes,
-                      record: dict | None = None) -> str:
-        return self.save_tensors(iteration, name, episodes.to_tensors(), record)
+                      record: dict | None = None) -> None:
+        self.save_tensors(iteration, name, episodes.to_tensors(), record)
 
     def load_episodes(self, iteration: int, name: str) -> Episodes:
         tensors, _ = self.load_tensors(iteration, name)
@@ -132,10 +146,16 @@ class StageStore:
 
     def prune(self, keep_last: int) -> None:
         """Drop all but the last ``keep_last`` iterations (checkpoints are kept apart)."""
+        self.drain()
         for it in self.iterations()[:-keep_last]:
             shutil.rmtree(self.iteration_dir(it), ignore_errors=True)
 
     def save_evaluation(self, iteration: int, table: pd.DataFrame) -> Path:
         path = self.evaluation_dir / f"iter-{iteration:06d}.parquet"
-        atomic_write_bytes(path, table.to_parquet(index=False))
+        self._write(lambda: atomic_write_bytes(path, table.to_parquet(index=False)))
         return path
+
+    def drain(self) -> None:
+        """Wait for pending writes (no-op without a background writer)."""
+        if self.writer is not None:
+            self.writer.drain()

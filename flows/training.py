@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 
 from flows import plots, tracking
 from flows.config import RunConfig, load_run_config
-from flows.settings import maml_home
+from flows.settings import deprioritize_local_server, maml_home
 from flows.stages import PipelineContext, configured, learner_state
 from flows.store import StageStore, StoreError
+from flows.writer import BackgroundWriter
 from maml_core.checkpoint import latest_checkpoint
 from maml_core.trainer import MetaLearner, summary_table
 
@@ -55,6 +56,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                progress: bool | None = None) -> dict:
     """Meta-train a policy; returns a summary (run id, evaluation, model version)."""
     config = resolve_config(config_path, overrides, config_data, resume)
+    deprioritize_local_server()
     tcfg = tracking.load_tracking_config()
     tcfg.setup()
     if resume:
@@ -65,7 +67,8 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                                      "maml.kind": "meta-train"},
                                     flow_run_id=str(runtime.flow_run.id or "") or None,
                                     parent_model_version=init_model)
-    store = StageStore(store_root(), run_id)
+    writer = BackgroundWriter()
+    store = StageStore(store_root(), run_id, writer)
     store.ensure_writable()
     learner = MetaLearner(config)
     parent_version = None
@@ -102,24 +105,29 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             it = learner.iteration
             started = time.perf_counter()
             ctx.timings.clear()
-            state, record = learner_state(learner)
+            if ctx.loaded_state is None:
+                ctx.loaded_state, ctx.loaded_record = learner_state(learner)
+            state, record = ctx.loaded_state, ctx.loaded_record
             store.save_tensors(it, "theta", state, record)
             if learner.rl:
                 stats = _rl_iteration(ctx, stages, it, state, record)
             else:
                 stats = learner.step().stats
+                ctx.loaded_state = None
             elapsed = time.perf_counter() - started
             stats.update({f"seconds_{k}": v for k, v in ctx.timings.items()})
             stats["seconds_iteration"] = elapsed
             learner.iteration = it + 1
-            tracking.log_metrics(run_id, {k: v for k, v in stats.items()
+            writer.submit(tracking.log_metrics, run_id, {k: v for k, v in stats.items()
                          if k in ITERATION_METRICS or k.startswith("seconds_")}, it)
             done = it + 1
             if config.evaluation.every and (done % config.evaluation.every == 0
                                             or done == total):
                 curve = stages["evaluate"](ctx, done, held_out)
-                tracking.log_metrics(run_id, _eval_metrics(summary_table(curve)), done)
+                writer.submit(tracking.log_metrics, run_id,
+                              _eval_metrics(summary_table(curve)), done)
             if done % config.checkpoint_every == 0 or done == total:
+                store.drain()  # everything before the checkpoint is on disk and in MLflow
                 path = stages["checkpoint"](ctx, done)
                 tracking.log_checkpoint(run_id, path)
             store.prune(config.pipeline.keep_last)
@@ -128,6 +136,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             wall.append(time.perf_counter() - started)
     finally:
         bar.close()
+        writer.close()
     if curve is None:
         curve = stages["evaluate"](ctx, learner.iteration, held_out)
     summary = summary_table(curve)

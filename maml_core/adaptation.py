@@ -116,6 +116,8 @@ def adapt_with_inner_step(params: Params, loss_fn: LossFn, step_size: float | Pa
     outer_grad = torch.is_grad_enabled() and any(v.requires_grad for v in params.values())
     if create_graph is None:
         create_graph = outer_grad and not first_order
+    if not outer_grad:  # under no_grad, parameters that require grad are still constants
+        params = {k: v.detach() for k, v in params.items()}
     phi = expand_to_tasks(params, num_tasks) if num_tasks is not None else dict(params)
     losses = []
     inner = None

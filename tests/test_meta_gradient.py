@@ -216,10 +216,6 @@ def test_adapted_parameters_match_meta_objective(inner):
     learner.close()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="adaptation.adapt under torch.no_grad() with meta-parameters that "
-                          "require grad: the expanded views keep requires_grad but are not in the "
-                          "graph, so autograd.grad fails (adaptation.py, `leaves = ...`)")
 def test_adapt_policy_under_no_grad_accepts_trainable_meta_params():
     learner = _learner(step_size=0.3)
     tasks = learner.sample_tasks(0)
