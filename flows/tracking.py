@@ -491,36 +491,51 @@ def _as_float(key: str, value: Any) -> float:
 
 def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int, *,
                 skip_logged: bool = True, timestamp_ms: int | None = None) -> dict[str, float]:
-    """Log ``metrics`` at ``step`` in one ``log_batch``. With ``skip_logged`` (default), keys
-    already recorded at this step are skipped, so a resumed run that replays a step records
-    each (key, step) exactly once; the recorded steps are read from the store once per
-    (run, key) and then tracked in memory. ``None`` values are dropped. Returns what was
-    logged."""
+    """Log ``metrics`` at ``step`` in one ``log_batch`` (see ``log_metric_steps``). Returns
+    what was logged."""
+    return log_metric_steps(run_id, {int(step): metrics}, skip_logged=skip_logged,
+                            timestamp_ms=timestamp_ms).get(int(step), {})
+
+
+def log_metric_steps(run_id: str, by_step: Mapping[int, Mapping[str, Any]], *,
+                     skip_logged: bool = True, timestamp_ms: int | None = None
+                     ) -> dict[int, dict[str, float]]:
+    """Log the metrics of several steps in as few ``log_batch`` calls as MLflow allows. With
+    ``skip_logged`` (default), keys already recorded at a step are skipped, so a resumed run
+    that replays a step records each (key, step) exactly once; the recorded steps are read from
+    the store once per (run, key) and then tracked in memory. ``None`` values are dropped.
+    Returns what was logged, by step."""
     cfg = active_config()
     client = cfg.client()
-    step = int(step)
-    values = {k: _as_float(k, v) for k, v in metrics.items() if v is not None}
     ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
+    logged: dict[int, dict[str, float]] = {}
     with _METRICS_LOCK:  # check-and-log is atomic within the process
-        if skip_logged:
-            for key in values:
-                if (cfg.tracking_uri, run_id, key) not in _STEPS:
-                    _STEPS[(cfg.tracking_uri, run_id, key)] = {
-                        m.step for m in client.get_metric_history(run_id, key)}
-            values = {k: v for k, v in values.items()
-                      if step not in _STEPS[(cfg.tracking_uri, run_id, k)]}
-        items = [Metric(k, v, ts, step) for k, v in values.items()]
+        for step, metrics in by_step.items():
+            values = {k: _as_float(k, v) for k, v in metrics.items() if v is not None}
+            if skip_logged:
+                for key in values:
+                    if (cfg.tracking_uri, run_id, key) not in _STEPS:
+                        _STEPS[(cfg.tracking_uri, run_id, key)] = {
+                            m.step for m in client.get_metric_history(run_id, key)}
+                values = {k: v for k, v in values.items()
+                          if int(step) not in _STEPS[(cfg.tracking_uri, run_id, k)]}
+            if values:
+                logged[int(step)] = values
+        items = [Metric(k, v, ts, step) for step, values in logged.items()
+                 for k, v in values.items()]
         try:
             for i in range(0, len(items), MAX_METRICS_PER_BATCH):
                 client.log_batch(run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
         except BaseException:
-            for key in values:  # unknown what was written: re-read next time
-                _STEPS.pop((cfg.tracking_uri, run_id, key), None)
+            for values in logged.values():  # unknown what was written: re-read next time
+                for key in values:
+                    _STEPS.pop((cfg.tracking_uri, run_id, key), None)
             raise
-        for key in values:
-            if (cfg.tracking_uri, run_id, key) in _STEPS:
-                _STEPS[(cfg.tracking_uri, run_id, key)].add(step)
-    return values
+        for step, values in logged.items():
+            for key in values:
+                if (cfg.tracking_uri, run_id, key) in _STEPS:
+                    _STEPS[(cfg.tracking_uri, run_id, key)].add(step)
+    return logged
 
 
 def metric_history(run_id: str, keys: list[str] | tuple[str, ...]) -> pd.DataFrame:

@@ -42,6 +42,29 @@ def resolve_config(config_path: str | None, overrides: list[str] | None,
     return load_run_config(config_path, overrides, data=config_data)
 
 
+class MetricBuffer:
+    """Per-iteration metrics, sent to MLflow in one batch every few seconds (and at every
+    checkpoint and at the end) instead of one SQL transaction per iteration."""
+
+    def __init__(self, run_id: str, writer: BackgroundWriter, every_seconds: float = 5.0):
+        self.run_id, self.writer, self.every = run_id, writer, every_seconds
+        self.pending: dict[int, dict[str, float]] = {}
+        self.last = time.monotonic()
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self.pending.setdefault(int(step), {}).update(metrics)
+
+    def flush_if_due(self) -> None:
+        if time.monotonic() - self.last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.submit(tracking.log_metric_steps, self.run_id, self.pending)
+            self.pending = {}
+        self.last = time.monotonic()
+
+
 def _eval_metrics(summary: pd.DataFrame) -> dict[str, float]:
     value = "mean_return" if "mean_return" in summary else "mean_mse"
     name = "eval_return" if value == "mean_return" else "eval_mse"
@@ -68,6 +91,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                                     flow_run_id=str(runtime.flow_run.id or "") or None,
                                     parent_model_version=init_model)
     writer = BackgroundWriter()
+    metric_buffer = MetricBuffer(run_id, writer)
     store = StageStore(store_root(), run_id, writer)
     store.ensure_writable()
     learner = MetaLearner(config)
@@ -118,24 +142,26 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             stats.update({f"seconds_{k}": v for k, v in ctx.timings.items()})
             stats["seconds_iteration"] = elapsed
             learner.iteration = it + 1
-            writer.submit(tracking.log_metrics, run_id, {k: v for k, v in stats.items()
-                         if k in ITERATION_METRICS or k.startswith("seconds_")}, it)
+            metric_buffer.add(it, {k: v for k, v in stats.items()
+                                   if k in ITERATION_METRICS or k.startswith("seconds_")})
             done = it + 1
             if config.evaluation.every and (done % config.evaluation.every == 0
                                             or done == total):
                 curve = stages["evaluate"](ctx, done, held_out)
-                writer.submit(tracking.log_metrics, run_id,
-                              _eval_metrics(summary_table(curve)), done)
+                metric_buffer.add(done, _eval_metrics(summary_table(curve)))
             if done % config.checkpoint_every == 0 or done == total:
+                metric_buffer.flush()
                 store.drain()  # everything before the checkpoint is on disk and in MLflow
                 path = stages["checkpoint"](ctx, done)
                 tracking.log_checkpoint(run_id, path)
+            metric_buffer.flush_if_due()
             store.prune(config.pipeline.keep_last)
             bar.set_postfix(_postfix(stats), refresh=False)
             bar.update(1)
             wall.append(time.perf_counter() - started)
     finally:
         bar.close()
+        metric_buffer.flush()
         writer.close()
     if curve is None:
         curve = stages["evaluate"](ctx, learner.iteration, held_out)
