@@ -13,9 +13,17 @@ from flows.settings import configure_environment
 EXIT_BAD_INPUT = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is answered in one line (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())} "
+                  f"(see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maml", description="MAML meta-RL pipeline "
-                                "(Prefect flows, MLflow lineage)")
+    p = _Parser(prog="maml", description="MAML meta-RL pipeline (Prefect flows, MLflow "
+                "lineage)")
     p.add_argument("--verbose", action="store_true", help="show Prefect/MLflow logs and "
                    "full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,16 +74,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a command line argparse rejects (one line, code 2)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     configure_environment(verbose=args.verbose)
-    from flows.errors import USER_ERRORS
+    from flows.errors import USER_ERRORS, one_line
 
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as exc:
         if args.verbose:
             raise
-        print(f"maml {args.command}: error: {exc}", file=sys.stderr)
+        print(f"maml {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; resume with `maml train --resume RUN_ID`", file=sys.stderr)
@@ -90,14 +101,89 @@ def _print_summary(result: dict) -> None:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
-def cmd_train(args) -> int:
-    from flows.errors import UsageError
-    from flows.training import meta_train
+def _check_held_out(config) -> None:
+    """The config's held-out task set (``task.test_tasks``) is readable and fits its family."""
+    if config.task.test_tasks:
+        from maml_core.tasksets import load_task_set
+
+        load_task_set(config.task.test_tasks, config.family())
+
+
+def _check_model_fits(config, model_ref: str) -> None:
+    """``model_ref`` resolves and its parameters fit the policy that ``config`` builds."""
+    from flows import tracking
+    from maml_core.trainer import MetaLearner
+
+    _, params, _, _ = tracking.load_policy(model_ref)
+    learner = MetaLearner(config)
+    try:
+        learner.load_params({**learner._detached(None), **params}, f"model {model_ref!r}")
+    finally:
+        learner.close()
+
+
+def _check_resumable(config, run_id: str) -> None:
+    """The resumed run's last checkpoint (if any) loads and fits its config's policy."""
+    from flows.store import StageStore
+    from flows.training import store_root
+    from maml_core.checkpoint import latest_checkpoint
+    from maml_core.trainer import MetaLearner
+
+    ckpt = latest_checkpoint(StageStore(store_root(), run_id).checkpoint_dir)
+    if ckpt is None:
+        return
+    import torch
+
+    rng = torch.get_rng_state()  # restore() sets it; the training itself restores it again
+    learner = MetaLearner(config)
+    try:
+        learner.restore(ckpt)
+    finally:
+        learner.close()
+        torch.set_rng_state(rng)
+
+
+def check_train_inputs(args):
+    """Everything ``maml train`` can check before a flow or an MLflow run starts: the config
+    (or the resumed run's stored config), its held-out task set, the resumed run and the
+    warm-start model."""
+    from flows import tracking
+    from flows.errors import RUN_ID, USER_ERRORS, UsageError
+    from flows.store import StoreError
+    from flows.training import resolve_config
 
     if not args.config and not args.resume:
         raise UsageError("give a config file (e.g. configs/navigation2d.yaml) or --resume RUN_ID")
     if args.config and not Path(args.config).is_file():
         raise UsageError(f"config file {args.config!r} does not exist")
+    if args.resume is not None and not RUN_ID.fullmatch(args.resume):
+        raise UsageError(f"--resume {args.resume!r} is not a run id (letters, digits, '-' and "
+                         "'_'; the MLflow run id that `maml train` printed)")
+    try:
+        config = resolve_config(args.config, args.overrides or None, None, args.resume)
+    except USER_ERRORS:
+        raise
+    except ValueError as exc:  # e.g. a stored config.json that is not JSON
+        if not args.resume:
+            raise
+        raise StoreError(f"cannot resume run {args.resume!r}: its stored config cannot be "
+                         f"read ({type(exc).__name__}: {exc})") from None
+    _check_held_out(config)
+    if args.resume:
+        _check_resumable(config, args.resume)
+    if args.resume or args.init_model:
+        tracking.load_tracking_config().setup()
+    if args.resume:
+        tracking.get_run(args.resume)
+    elif args.init_model:
+        _check_model_fits(config, args.init_model)
+    return config
+
+
+def cmd_train(args) -> int:
+    from flows.training import meta_train
+
+    check_train_inputs(args)
     result = meta_train(config_path=args.config, overrides=args.overrides or None,
                         resume=args.resume, init_model=args.init_model)
     _print_summary(result)
@@ -112,8 +198,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from flows.evaluation import evaluate_model
+    from flows.evaluation import check_evaluation_inputs, evaluate_model
 
+    check_evaluation_inputs(args.model, args.tasks, args.steps, args.seed, args.episodes)
     result = evaluate_model(args.model, args.tasks, args.steps, args.seed, args.episodes)
     _print_summary(result)
     print(f"\nMLflow run: {result['run_id']}")
@@ -121,8 +208,20 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_retrain(args) -> int:
+    from flows import tracking
+    from flows.config import load_run_config
+    from flows.errors import UsageError
     from flows.retrain import retrain
 
+    if not Path(args.config).is_file():
+        raise UsageError(f"config file {args.config!r} does not exist")
+    config = load_run_config(args.config, args.overrides or None)
+    _check_held_out(config)
+    tcfg = tracking.load_tracking_config()
+    tcfg.setup()
+    champion = tracking.get_alias_version(tcfg.registered_model_name, tcfg.aliases.champion)
+    if champion is not None:  # the warm start must fit the config's policy
+        _check_model_fits(config, f"models:/{champion.name}/{champion.version}")
     decision = retrain(config_path=args.config, overrides=args.overrides or None)
     print(json.dumps(decision, indent=1, default=str))
     return 0

@@ -9,9 +9,34 @@ from prefect import flow, runtime
 
 from flows import plots, tracking
 from flows.config import load_run_config
-from maml_core.checkpoint import load_checkpoint
+from flows.errors import UsageError
+from maml_core.checkpoint import CheckpointError, load_checkpoint
+from maml_core.config import ConfigError
 from maml_core.tasksets import load_task_set
 from maml_core.trainer import MetaLearner, summary_table
+
+_FILE_SUFFIXES = (".json", ".safetensors", ".pkl", ".pickle", ".pt", ".pth", ".ckpt")
+_STRUCTURE = ("class", "input_dim", "output_dim", "hidden_sizes", "activation")
+
+
+def _learner_for(config: object, source: str, architecture: object = None) -> MetaLearner:
+    """A learner built from a model's or checkpoint's recorded config (checked first)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source} records no config (a mapping of keys to values)")
+    try:
+        learner = MetaLearner(load_run_config(data=config))
+    except ConfigError as exc:
+        raise CheckpointError(f"{source} records an unusable config: {exc}") from None
+    if isinstance(architecture, dict):
+        built = learner.policy.architecture()
+        wrong = {k: architecture[k] for k in _STRUCTURE
+                 if k in architecture and architecture[k] != built.get(k)}
+        if wrong:
+            learner.close()
+            expected = {k: built.get(k) for k in wrong}
+            raise CheckpointError(f"{source} was saved for another policy architecture "
+                                  f"({wrong}) than its config builds ({expected})")
+    return learner
 
 
 def load_model(model_ref: str) -> tuple[MetaLearner, dict]:
@@ -19,15 +44,50 @@ def load_model(model_ref: str) -> tuple[MetaLearner, dict]:
     (``models:/name@alias``, ``models:/name/3``, ``champion``...), or a checkpoint file or
     directory (``iter-000050.json`` / a run's ``checkpoints/``)."""
     path = Path(model_ref)
+    if not path.exists() and (path.is_absolute() or path.suffix.lower() in _FILE_SUFFIXES):
+        raise CheckpointError(f"checkpoint {model_ref!r} does not exist; give a checkpoint's "
+                              "iter-NNNNNN.json or its folder, or a model reference like "
+                              "models:/NAME@ALIAS")
     if path.exists():
+        source = f"checkpoint {model_ref!r}"
         manifest, params, _ = load_checkpoint(path)
-        learner = MetaLearner(load_run_config(data=manifest["config"]))
-        learner.load_params(params, f"checkpoint {model_ref!r}")
+        learner = _learner_for(manifest.get("config"), source, manifest.get("architecture"))
+        try:
+            learner.load_params(params, source)
+        except BaseException:
+            learner.close()
+            raise
         return learner, {"source": str(path), "iteration": manifest["iteration"]}
     _, params, config, info = tracking.load_policy(model_ref)
-    learner = MetaLearner(load_run_config(data=config))
-    learner.load_params({**learner._detached(None), **params}, f"model {model_ref!r}")
+    source = f"model {model_ref!r}"
+    learner = _learner_for(config, source, info.get("architecture"))
+    try:
+        learner.load_params({**learner._detached(None), **params}, source)
+    except BaseException:
+        learner.close()
+        raise
     return learner, info
+
+
+def check_evaluation_inputs(model_ref: str, tasks_path: str | None = None, steps: int = 3,
+                            seed: int | None = None, episodes_per_task: int | None = None
+                            ) -> None:
+    """Fail fast, before a flow or an MLflow run starts, on what ``evaluate_model`` would
+    reject: bad numbers, a model that does not load or fit, a task set that does not fit."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise UsageError(f"--steps must be an integer >= 0 (adaptation steps), got {steps!r}")
+    if episodes_per_task is not None and (isinstance(episodes_per_task, bool)
+                                          or not isinstance(episodes_per_task, int)
+                                          or episodes_per_task < 1):
+        raise UsageError(f"--episodes must be an integer >= 1, got {episodes_per_task!r}")
+    learner, _ = load_model(model_ref)
+    try:
+        if tasks_path:
+            load_task_set(tasks_path, learner.family)
+        else:
+            learner.held_out_tasks()
+    finally:
+        learner.close()
 
 
 def compare_with_paper(summary: pd.DataFrame, family: str) -> pd.DataFrame:
@@ -47,6 +107,8 @@ def evaluate_model(model_ref: str, tasks_path: str | None = None, steps: int = 3
                    log: bool = True) -> dict:
     """Evaluate ``model_ref`` on the task set at ``tasks_path`` (default: the config's
     held-out set) after 0..``steps`` adaptation steps; logs an MLflow run."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise UsageError(f"steps must be an integer >= 0 (adaptation steps), got {steps!r}")
     learner, info = load_model(model_ref)
     tasks = (load_task_set(tasks_path, learner.family) if tasks_path
              else learner.held_out_tasks())

@@ -12,7 +12,7 @@ import pandas as pd
 
 from flows import tracking
 from flows.config import load_run_config
-from flows.errors import UsageError
+from flows.errors import RUN_ID, UsageError
 from flows.stages import PipelineContext, configured
 from flows.store import StageStore, StoreError
 from flows.training import store_root
@@ -35,57 +35,112 @@ def _digest(store: StageStore, iteration: int, name: str) -> str | None:
     return store.read_json(store.iteration_dir(iteration) / f"{name}.json")["sha256"]
 
 
+def _guarded(store: StageStore, what: str, load):
+    """``load()``, with a stored file that cannot be read turned into a ``StoreError`` that
+    names it (stage outputs are safetensors/parquet/JSON; nothing else is ever parsed)."""
+    from flows.errors import USER_ERRORS
+
+    try:
+        return load()
+    except USER_ERRORS:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"the stored {what} of run {store.run_id} in {str(store.run_dir)!r} "
+                         f"cannot be read ({type(exc).__name__}: {exc}); re-run the "
+                         "iteration in a new training run") from None
+
+
+def _inputs(store: StageStore, name: str, iteration: int, phase: str) -> dict:
+    """Every stored input of stage ``name`` at ``iteration``, read before the stage runs."""
+    it = iteration
+    out: dict = {}
+    if name == "sample_tasks":
+        if store.has_table(it, "tasks"):
+            out["before"] = _guarded(store, f"tasks of iteration {it}",
+                                     lambda: store.load_table(it, "tasks"))
+        return out
+    if name in ("collect_rollouts", "adapt", "meta_update"):
+        out_name = {"collect_rollouts": phase, "adapt": "adapted",
+                    "meta_update": "meta_update"}[name]
+        out["before"] = _guarded(store, f"{out_name} record of iteration {it}",
+                                 lambda: _digest(store, it, out_name))
+    out["theta"], out["record"] = _guarded(store, f"parameters at iteration {it}",
+                                           lambda: _theta_at(store, it))
+    if name == "collect_rollouts":
+        out["tasks"] = _guarded(store, f"tasks of iteration {it}",
+                                lambda: store.load_table(it, "tasks"))
+        if phase == "post":
+            out["params"], _ = _guarded(store, f"adapted parameters of iteration {it}",
+                                        lambda: store.load_tensors(it, "adapted"))
+        else:
+            out["params"] = out["theta"]
+    elif name in ("adapt", "meta_update"):
+        for ph in ("pre", "post") if name == "meta_update" else ("pre",):
+            out[ph] = _guarded(store, f"{ph}-adaptation episodes of iteration {it}",
+                               lambda ph=ph: store.load_episodes(it, ph))
+    elif name == "evaluate":
+        path = store.evaluation_dir / f"iter-{it:06d}.parquet"
+        out["before"] = _guarded(store, f"evaluation of iteration {it}",
+                                 lambda: pd.read_parquet(path)) if path.is_file() else None
+    return out
+
+
 def rerun_stage(name: str, run_id: str, iteration: int, phase: str = "pre") -> dict:
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise UsageError(f"--iteration must be an integer >= 0, got {iteration!r}")
+    if phase not in ("pre", "post"):
+        raise UsageError(f"--phase must be 'pre' or 'post', got {phase!r}")
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise UsageError(f"--run {run_id!r} is not a run id (letters, digits, '-' and '_'; "
+                         "the MLflow run id that `maml train` printed)")
     store = StageStore(store_root(), run_id)
     if not (store.run_dir / "config.json").is_file():
         raise UsageError(f"run {run_id!r} is not in the stage store {str(store.root)!r}")
-    config = load_run_config(data=store.load_config())
+    data = _guarded(store, "config", store.load_config)
+    config = load_run_config(data=data)
     learner = MetaLearner(config)
-    if not learner.rl and name != "evaluate":
-        raise UsageError(f"stage {name} applies to RL families; {config.task.family} is "
-                         "supervised")
+    try:
+        if not learner.rl and name != "evaluate":
+            raise UsageError(f"stage {name} applies to RL families; {config.task.family} is "
+                             "supervised")
+        inputs = _inputs(store, name, iteration, phase)
+    except BaseException:
+        learner.close()
+        raise
     ctx = PipelineContext(learner, store, config)
     stages = configured(config)
     identical: bool | None = None
     output = ""
     if name == "sample_tasks":
-        before = store.load_table(iteration, "tasks") if store.has_table(iteration, "tasks") \
-            else None
+        before = inputs.get("before")
         after = stages["sample_tasks"](ctx, iteration)
         identical = None if before is None else bool(before.equals(after))
         output = str(store.iteration_dir(iteration) / "tasks.parquet")
     elif name in ("collect_rollouts", "adapt", "meta_update"):
         out_name = {"collect_rollouts": phase, "adapt": "adapted",
                     "meta_update": "meta_update"}[name]
-        before = _digest(store, iteration, out_name)
-        theta, record = _theta_at(store, iteration)
+        before = inputs["before"]
+        theta, record = inputs["theta"], inputs["record"]
         if name == "collect_rollouts":
-            tasks = store.load_table(iteration, "tasks")
-            if phase == "pre":
-                params = theta
-            else:
-                params, _ = store.load_tensors(iteration, "adapted")
-            stages["collect_rollouts"](ctx, iteration, phase, params, tasks)
+            stages["collect_rollouts"](ctx, iteration, phase, inputs["params"], inputs["tasks"])
         elif name == "adapt":
-            stages["adapt"](ctx, iteration, theta, store.load_episodes(iteration, "pre"))
+            stages["adapt"](ctx, iteration, theta, inputs["pre"])
         else:
-            stages["meta_update"](ctx, iteration, theta, record,
-                                  store.load_episodes(iteration, "pre"),
-                                  store.load_episodes(iteration, "post"))
+            stages["meta_update"](ctx, iteration, theta, record, inputs["pre"], inputs["post"])
         after = _digest(store, iteration, out_name)
         identical = None if before is None else before == after
         output = str(store.iteration_dir(iteration) / f"{out_name}.safetensors")
     elif name == "evaluate":
-        theta, record = _theta_at(store, iteration)
+        theta = inputs["theta"]
         learner.load_params({k: v for k, v in theta.items() if not k.startswith("optim/")},
                             "stored meta-parameters")
         path = store.evaluation_dir / f"iter-{iteration:06d}.parquet"
-        before = pd.read_parquet(path) if path.is_file() else None
+        before = inputs["before"]
         after = stages["evaluate"](ctx, iteration, learner.held_out_tasks())
         identical = None if before is None else bool(before.equals(after))
         output = str(path)
     elif name == "checkpoint":
-        theta, record = _theta_at(store, iteration)
+        theta, record = inputs["theta"], inputs["record"]
         from flows.stages import load_learner_state
 
         load_learner_state(learner, theta, record)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from flows.config import load_run_config
 from flows.errors import UsageError
+from maml_core.tasksets import load_task_set
 
 HOW_TO_START = ("start one with `prefect server start` (it listens on 127.0.0.1:4200), then "
                 "`export PREFECT_API_URL=http://127.0.0.1:4200/api` here")
@@ -40,7 +41,11 @@ def check_server() -> str:
 
 def serve_retrain(config: str, cron: str, name: str, overrides: list[str] | None) -> int:
     check_cron(cron)
-    load_run_config(config, overrides)  # fail now, not at 3 a.m.
+    if not Path(config).is_file():
+        raise UsageError(f"config file {config!r} does not exist")
+    run_config = load_run_config(config, overrides)  # fail now, not at 3 a.m.
+    if run_config.task.test_tasks:
+        load_task_set(run_config.task.test_tasks, run_config.family())
     url = check_server()
     from flows.retrain import retrain
 

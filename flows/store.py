@@ -81,7 +81,14 @@ class StageStore:
     def read_json(self, path: Path) -> dict:
         if not path.is_file():
             raise StoreError(f"{str(path)!r} is not in the stage store")
-        return json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{str(path)!r} in the stage store is not valid JSON ({exc}); "
+                             "it was not written by this pipeline") from None
+        if not isinstance(record, dict):
+            raise StoreError(f"{str(path)!r} in the stage store does not hold a JSON object")
+        return record
 
     def save_config(self, config: dict) -> None:
         self.write_json(self.run_dir / "config.json", config)
@@ -100,7 +107,12 @@ class StageStore:
         if not path.is_file():
             raise StoreError(f"no {name!r} table for iteration {iteration} of run "
                              f"{self.run_id} in {str(self.run_dir)!r}")
-        return pd.read_parquet(path)
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise StoreError(f"{str(path)!r} in the stage store is not a readable parquet "
+                             f"file ({type(exc).__name__}); it was not written by this "
+                             "pipeline") from None
 
     def save_tensors(self, iteration: int, name: str, tensors: dict[str, Tensor],
                      record: dict | None = None) -> None:

@@ -113,17 +113,33 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor], dict[str
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint manifest {str(path)!r} is not valid JSON ({exc})"
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read "
+                              f"({exc.strerror or exc})") from None
+    if raw[:1] == b"\x80" or path.suffix.lower() in (".pkl", ".pickle", ".pt", ".pth"):
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint manifest (it looks like a "
+                              "pickle file, which is never loaded); give the iter-NNNNNN.json "
+                              "of a checkpoint or its folder")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"checkpoint manifest {str(path)!r} is not valid JSON ({exc}); "
+                              "give the iter-NNNNNN.json of a checkpoint or its folder"
                               ) from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{str(path)!r} is not a checkpoint manifest of format "
                               f"{FORMAT_VERSION}")
     bad = [k for k in ("iteration", "tensors", "sha256")
-           if not isinstance(manifest.get(k), int if k == "iteration" else str)]
+           if not isinstance(manifest.get(k), int if k == "iteration" else str)
+           or isinstance(manifest.get(k), bool)]
     if bad:
         raise CheckpointError(f"checkpoint manifest {str(path)!r} lacks valid {bad}")
+    if Path(manifest["tensors"]).name != manifest["tensors"] or \
+            not manifest["tensors"].endswith(".safetensors"):
+        raise CheckpointError(f"checkpoint manifest {str(path)!r}: 'tensors' must name a "
+                              f".safetensors file beside the manifest, got "
+                              f"{manifest['tensors']!r}")
     tensors = load_tensors(path.parent / manifest["tensors"], manifest["sha256"])
     params = {k[6:]: v for k, v in tensors.items() if k.startswith("param/")}
     optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim/")}

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TaskConfig(_Strict):
@@ -110,8 +110,9 @@ class MAMLConfig(_Strict):
 
         try:  # validates options; an unknown option is a TypeError from the constructor
             family = get_task_family(self.task.family, **self.task.options)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"task.options: {exc}") from None
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            raise ValueError(f"task.options: {exc}{_accepted_options(self.task.family)}"
+                             ) from None
         if family.kind == "supervised" and self.meta_optimizer.name == "trpo":
             raise ValueError("meta_optimizer.name: trpo needs a policy; supervised families "
                              f"({self.task.family}) take adam or sgd")
@@ -135,19 +136,39 @@ class MAMLConfig(_Strict):
         return getattr(torch, self.dtype)
 
 
+def _accepted_options(name: str) -> str:
+    """``" (options of <family>: a, b)"`` from the family's constructor, or ``""``."""
+    import inspect
+
+    from maml_core.tasks.base import _REGISTRY
+
+    try:
+        params = inspect.signature(_REGISTRY[name].__init__).parameters
+    except (KeyError, TypeError, ValueError):
+        return ""
+    names = [p for p, v in params.items() if p != "self"
+             and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+    return f" (options of {name}: {', '.join(names) or 'none'})"
+
+
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/ for the valid keys)"
-        lines.append(f"{key}: {msg}")
+        elif isinstance(e.get("input"), str | int | float | bool) and key:
+            shown = repr(e["input"])
+            msg += f" (got {shown if len(shown) <= 40 else shown[:37] + '...'})"
+        lines.append(f"{key}: {msg}" if key else msg)
     return "invalid configuration: " + "; ".join(lines)
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:
     parts = key.split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"override key {key!r} is not a dotted key like inner.step_size")
     node = data
     for p in parts[:-1]:
         child = node.setdefault(p, {})
@@ -167,8 +188,20 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         try:
             out.append((key.strip(), yaml.safe_load(raw)))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+            raise ConfigError(f"override {item!r}: value is not valid YAML "
+                              f"({_yaml_problem(exc)}); quote strings, e.g. "
+                              f"{key.strip()}='\"...\"'") from None
     return out
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """YAML's error in one line: what is wrong and where."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -176,9 +209,17 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: "
+                          f"{_yaml_problem(exc)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text (YAML) file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read "
+                          f"({exc.strerror or exc})") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
     return data
@@ -186,6 +227,9 @@ def read_yaml(path: str | Path) -> dict:
 
 def build_config(data: dict, overrides: list[str] | None = None,
                  model: type[MAMLConfig] = MAMLConfig) -> MAMLConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a configuration must be a mapping of keys to values, got "
+                          f"{type(data).__name__}")
     data = copy.deepcopy(data)
     for key, value in parse_overrides(overrides):
         set_dotted(data, key, value)
