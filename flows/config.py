@@ -30,6 +30,13 @@ class PipelineConfig(_Strict):
     task_runner: Literal["local", "dask"] = "local"
     dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster")
     dask_workers: int = Field(2, ge=1, description="workers of the default LocalCluster")
+    dask_shards: int | None = Field(None, ge=1, description="task shards per rollout collection "
+                                    "(default: one per Dask worker thread)")
+    dask_torch_threads: int | None = Field(
+        None, ge=1, description="torch threads of a Dask worker; default: the flow process's, "
+        "which keeps results bit-identical to the local runner")
+    dask_task_runs: bool = Field(False, description="run each shard as a Prefect task run on "
+                                 "its worker (workers must reach the Prefect API)")
     register_model: bool = True
 
 

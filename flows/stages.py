@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 from prefect import task
@@ -69,6 +70,9 @@ class PipelineContext:
     # in-process meta_update need not reload what the learner already has.
     loaded_state: dict | None = None
     loaded_record: dict | None = None
+    # ``pipeline.task_runner: dask``: a flows.scale_out.DaskCollector that collects rollouts
+    # in shards of tasks on a Dask cluster (same signature and numbers as learner.collect).
+    scale_out: Any = None
 
     def timed(self, name: str, start: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
@@ -121,7 +125,7 @@ def run_collect_rollouts(ctx: PipelineContext, iteration: int, phase: str, param
                          tasks: pd.DataFrame) -> Episodes:
     maybe_inject_fault("collect_rollouts", iteration)
     start = time.perf_counter()
-    episodes = ctx.learner.collect(params, tasks, iteration, phase)
+    episodes = (ctx.scale_out or ctx.learner).collect(params, tasks, iteration, phase)
     ctx.store.save_episodes(iteration, phase, episodes,
                             {"mean_return": float(episodes.task_returns().mean()),
                              "env_steps": episodes.num_steps})

@@ -79,6 +79,7 @@ from flows.policy_model import (
     read_policy_files,
 )
 from flows.settings import maml_home
+from maml_core.faults import fault_point
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "mlflow.yaml"
@@ -524,8 +525,10 @@ def log_metric_steps(run_id: str, by_step: Mapping[int, Mapping[str, Any]], *,
         items = [Metric(k, v, ts, step) for step, values in logged.items()
                  for k, v in values.items()]
         try:
+            fault_point("mlflow:log-batch:before")
             for i in range(0, len(items), MAX_METRICS_PER_BATCH):
                 client.log_batch(run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+            fault_point("mlflow:log-batch:after")
         except BaseException:
             for values in logged.values():  # unknown what was written: re-read next time
                 for key in values:

@@ -11,11 +11,11 @@ import pandas as pd
 from prefect import flow, runtime
 from tqdm.auto import tqdm
 
-from flows import plots, tracking
+from flows import plots, scale_out, tracking
 from flows.config import RunConfig, load_run_config
 from flows.settings import deprioritize_local_server, maml_home
 from flows.stages import PipelineContext, configured, learner_state
-from flows.store import StageStore, StoreError
+from flows.store import StageStore
 from flows.writer import BackgroundWriter
 from maml_core.checkpoint import latest_checkpoint
 from maml_core.trainer import MetaLearner, summary_table
@@ -33,12 +33,11 @@ def resolve_config(config_path: str | None, overrides: list[str] | None,
                    config_data: dict | None, resume: str | None) -> RunConfig:
     if resume and config_path is None and config_data is None:
         store = StageStore(store_root(), resume)
-        try:
-            return load_run_config(data=store.load_config(), overrides=overrides)
-        except StoreError:
+        if not (store.run_dir / "config.json").is_file():
             raise tracking.TrackingError(
                 f"cannot resume run {resume!r}: it has no stored config in "
-                f"{str(store.run_dir)!r} (is the run id right? `maml runs` lists them)") from None
+                f"{str(store.run_dir)!r} (is the run id right? `maml ui` lists the runs)")
+        return load_run_config(data=store.load_config(), overrides=overrides)
     return load_run_config(config_path, overrides, data=config_data)
 
 
@@ -125,6 +124,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
     curve = None
     wall: list[float] = []  # per iteration, stage store and MLflow logging included
     try:
+        ctx.scale_out = scale_out.open_collector(config, learner)  # None: local runner
         while learner.iteration < total:
             it = learner.iteration
             started = time.perf_counter()

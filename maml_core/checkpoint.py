@@ -21,6 +21,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from maml_core.faults import fault_point
+
 FORMAT_VERSION = 1
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -39,9 +41,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            half = len(data) // 2
+            fh.write(data[:half])
+            fault_point(f"atomic-write:{path.name}:half-written")
+            fh.write(data[half:])
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point(f"atomic-write:{path.name}:before-rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -51,6 +57,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temporaries(directory: str | Path) -> int:
+    """Delete the temporary files of writes that a crash interrupted (never renamed into
+    place, so never read); returns how many were removed."""
+    removed = 0
+    for tmp in Path(directory).rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def sha256(data: bytes) -> str:

@@ -1,8 +1,11 @@
 """Rollout collection for a batch of tasks, with one parameter set or one per task.
 
 Randomness is drawn per task from that task's seed (policy noise and environment resets), so
-that the episodes of a task do not depend on which other tasks are in the batch: a shard of
-tasks collected elsewhere gives exactly the same tensors.
+the random draws of a task do not depend on which other tasks are in the batch. Bit-for-bit
+equality of a shard with the full batch also needs the policy evaluated on the same batch
+shape: BLAS may round a product over 9 rows differently from the same rows inside 15, and
+MuJoCo amplifies a last-bit difference in an action. ``flows.scale_out`` therefore runs the
+policy on the full batch shape and shards only the environments.
 """
 
 from __future__ import annotations

@@ -294,9 +294,10 @@ CASES = [
         "--iteration", "0"], "is not a valid safetensors file"),
     ("store-pickle-tasks-table", lambda e: ["stage", "collect_rollouts", "--run", e.run_copy(
         _pickle_over(e, "iterations/000000/tasks.parquet")), "--iteration", "0"],
-     "stored tasks of iteration 0"),
+     "tasks.parquet' in the stage store is not a readable parquet"),
     ("store-pickle-config", lambda e: ["stage", "adapt", "--run", e.run_copy(
-        _pickle_over(e, "config.json")), "--iteration", "0"], "stored config of run"),
+        _pickle_over(e, "config.json")), "--iteration", "0"],
+     "config.json' in the stage store is not valid JSON"),
     ("store-pickle-checkpoint", lambda e: ["evaluate", e.run_copy_checkpoints(
         _pickle_over(e, "checkpoints/iter-000001.safetensors"))], "SHA-256 does not match"),
     ("store-pickle-checkpoint-fixed", lambda e: ["evaluate", e.run_copy_checkpoints(
@@ -331,7 +332,7 @@ CASES = [
     ("resume-unknown-run", lambda e: ["train", "--resume", "no-such-run"],
      "cannot resume run 'no-such-run'"),
     ("resume-pickle-config", lambda e: ["train", "--resume", e.run_copy(
-        _pickle_over(e, "config.json"))], "its stored config cannot be read"),
+        _pickle_over(e, "config.json"))], "config.json' in the stage store is not valid JSON"),
     ("resume-pickle-checkpoint", lambda e: ["train", "--resume", e.run_copy(
         _pickle_over(e, "checkpoints/iter-000001.safetensors"))], "SHA-256 does not match"),
     ("resume-path-as-run", lambda e: ["train", "--resume", "../../x"], "is not a run id"),
