@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "dask_task_runs": args.task_runs}}
     config = load_run_config(data=data)
     learner = MetaLearner(config)
-    theta = learner._detached(None)
+    theta = learner.detached_params()
     log(f"[bench] {args.family}: {args.tasks} tasks x {args.episodes} episodes x "
         f"{args.horizon} steps; local: {torch.get_num_threads()} torch threads; dask: "
         f"{args.workers} workers")

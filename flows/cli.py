@@ -117,7 +117,7 @@ def _check_model_fits(config, model_ref: str) -> None:
     _, params, _, _ = tracking.load_policy(model_ref)
     learner = MetaLearner(config)
     try:
-        learner.load_params({**learner._detached(None), **params}, f"model {model_ref!r}")
+        learner.load_model_params(params, f"model {model_ref!r}")
     finally:
         learner.close()
 

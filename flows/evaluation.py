@@ -62,7 +62,7 @@ def load_model(model_ref: str) -> tuple[MetaLearner, dict]:
     source = f"model {model_ref!r}"
     learner = _learner_for(config, source, info.get("architecture"))
     try:
-        learner.load_params({**learner._detached(None), **params}, source)
+        learner.load_model_params(params, source)
     except BaseException:
         learner.close()
         raise

@@ -97,7 +97,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
     parent_version = None
     if init_model and not resume:
         _, params, _, info = tracking.load_policy(init_model)
-        learner.load_params({**learner._detached(None), **params}, f"model {init_model!r}")
+        learner.load_model_params(params, f"model {init_model!r}")
         parent_version = info.get("version")
     if resume:
         ckpt = latest_checkpoint(store.checkpoint_dir)

@@ -87,8 +87,8 @@ class MetaLearner:
         """Adapted parameters (one set per task, detached) for sampling post-adaptation."""
         inner = self.config.inner
         with torch.no_grad():
-            phi, _ = adapt_policy(self.policy, self._detached(meta_params), pre, inner.step_size,
-                                  inner.num_steps, inner.first_order)
+            phi, _ = adapt_policy(self.policy, self.detached_params(meta_params), pre,
+                                  inner.step_size, inner.num_steps, inner.first_order)
         return phi
 
     def objective(self, pre: Episodes, post: Episodes) -> MetaObjective:
@@ -109,7 +109,7 @@ class MetaLearner:
         ev = self.config.evaluation
         steps = ev.steps if steps is None else steps
         seed = ev.seed if seed is None else seed
-        params = self._detached(meta_params)
+        params = self.detached_params(meta_params)
         if not self.rl:
             return regression_curve(self.policy, params, self.family, tasks, self.config.k_shot,
                                     steps, self.config.inner.step_size, seed, self.device,
@@ -185,7 +185,8 @@ class MetaLearner:
         else:
             self.rejected_in_a_row = 0
 
-    def _detached(self, meta_params: Params | None) -> Params:
+    def detached_params(self, meta_params: Params | None = None) -> Params:
+        """A detached view of ``meta_params`` (default: the learner's own)."""
         return {k: v.detach() for k, v in (meta_params or self.meta_params).items()}
 
     # ----------------------------------------------------------------- state
@@ -201,10 +202,15 @@ class MetaLearner:
 
     def save(self, directory, extra: dict | None = None):
         tensors, meta = self.optimizer.state_dict()
-        return save_checkpoint(directory, self.iteration, self._detached(None), tensors,
+        return save_checkpoint(directory, self.iteration, self.detached_params(None), tensors,
                                {**meta, "rejected_in_a_row": self.rejected_in_a_row},
                                self.config.model_dump(mode="json"), self.policy.architecture(),
                                extra)
+
+    def load_model_params(self, params: Params, source: str) -> None:
+        """Load a model's parameters; meta-parameters it lacks (e.g. Meta-SGD step sizes of a
+        model trained without them) keep the learner's values."""
+        self.load_params({**self.detached_params(), **params}, source)
 
     def load_params(self, params: Params, source: str) -> None:
         check_params_fit(params, self.meta_params, source)

@@ -88,7 +88,7 @@ def test_train_records_lineage_and_model(trained, pipeline):
     learner.restore(Path(trained["store"]) / "checkpoints")
     obs = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = learner.policy.net(learner._detached(None), obs)
+        expected = learner.policy.net(learner.detached_params(), obs)
         assert torch.equal(policy.net(params, obs), expected)
     import mlflow.pyfunc
 

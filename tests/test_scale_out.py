@@ -70,7 +70,7 @@ def test_sharded_collection_on_dask_equals_local(cluster, family):
     collector = DaskCollector(config, learner)
     try:
         tasks = learner.sample_tasks(3)
-        theta = learner._detached(None)
+        theta = learner.detached_params()
         pre = learner.collect(theta, tasks, 3, "pre")
         sharded_pre = collector.collect(theta, tasks, 3, "pre")
         assert collector.last["shards"] == (config.pipeline.dask_shards or 2)
