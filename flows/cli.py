@@ -78,7 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a command line argparse rejects (one line, code 2)
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
-    configure_environment(verbose=args.verbose)
+    try:
+        configure_environment(verbose=args.verbose)
+    except OSError as exc:  # MAML_HOME under a file, on a full or read-only disk, ...
+        from flows.settings import maml_home
+
+        print(f"maml {args.command}: error: the local-state folder {str(maml_home())!r} "
+              f"(MAML_HOME) cannot be created ({exc.strerror or exc}); set MAML_HOME to a "
+              "writable folder", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from flows.errors import USER_ERRORS, one_line
 
     try:
@@ -107,6 +115,14 @@ def _check_held_out(config) -> None:
         from maml_core.tasksets import load_task_set
 
         load_task_set(config.task.test_tasks, config.family())
+
+
+def _check_store_writable() -> None:
+    """The stage store's folder can be created and written (``StoreError`` otherwise)."""
+    from flows.store import StageStore
+    from flows.training import store_root
+
+    StageStore(store_root(), "").ensure_writable()
 
 
 def _check_model_fits(config, model_ref: str) -> None:
@@ -169,6 +185,7 @@ def check_train_inputs(args):
         raise StoreError(f"cannot resume run {args.resume!r}: its stored config cannot be "
                          f"read ({type(exc).__name__}: {exc})") from None
     _check_held_out(config)
+    _check_store_writable()
     if args.resume:
         _check_resumable(config, args.resume)
     if args.resume or args.init_model:

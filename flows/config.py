@@ -38,6 +38,9 @@ class PipelineConfig(_Strict):
     dask_task_runs: bool = Field(False, description="run each shard as a Prefect task run on "
                                  "its worker (workers must reach the Prefect API)")
     register_model: bool = True
+    mlflow_outage_seconds: float = Field(
+        600, ge=0, description="how long an unreachable MLflow server is waited for (metrics "
+        "buffered, calls retried) before the run stops with an error; 0: fail at once")
 
 
 class RetrainConfig(_Strict):

@@ -155,7 +155,8 @@ def collect_shard_padded(learner: MetaLearner, params: Params, tasks: pd.DataFra
     seeds = rollout_task_seeds(cfg.seed, iteration, phase, tasks[TASK_ID])
     theta, _ = split_meta_params(params)
     policy = _PaddedPolicy(learner.policy, start, len(tasks), total, e)
-    episodes = collect_episodes(env, policy, theta, seeds, learner.horizon)
+    episodes = collect_episodes(env, policy, theta, seeds, learner.horizon,
+                                context=f"iteration {iteration}, phase {phase!r}")
     return _process_padded(episodes, start, total, cfg.gamma, cfg.gae_lambda,
                            cfg.normalize_advantages)
 

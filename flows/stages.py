@@ -25,6 +25,7 @@ from flows.store import StageStore, StoreError
 from maml_core.checkpoint import CheckpointError
 from maml_core.config import ConfigError
 from maml_core.episodes import Episodes
+from maml_core.faults import fault_point
 from maml_core.policies import Params
 from maml_core.tasksets import TaskSetError
 from maml_core.trainer import MetaLearner, TrainingError
@@ -114,33 +115,39 @@ def stage_options(config: RunConfig, stage: str) -> dict:
 
 def run_sample_tasks(ctx: PipelineContext, iteration: int) -> pd.DataFrame:
     maybe_inject_fault("sample_tasks", iteration)
+    fault_point(f"stage:sample_tasks:{iteration}:start")
     start = time.perf_counter()
     tasks = ctx.learner.sample_tasks(iteration)
     ctx.store.save_table(iteration, "tasks", tasks)
     ctx.timed("sample_tasks", start)
+    fault_point(f"stage:sample_tasks:{iteration}:end")
     return tasks
 
 
 def run_collect_rollouts(ctx: PipelineContext, iteration: int, phase: str, params: Params,
                          tasks: pd.DataFrame) -> Episodes:
     maybe_inject_fault("collect_rollouts", iteration)
+    fault_point(f"stage:collect_rollouts:{iteration}:start")
     start = time.perf_counter()
     episodes = (ctx.scale_out or ctx.learner).collect(params, tasks, iteration, phase)
     ctx.store.save_episodes(iteration, phase, episodes,
                             {"mean_return": float(episodes.task_returns().mean()),
                              "env_steps": episodes.num_steps})
     ctx.timed(f"collect_{phase}", start)
+    fault_point(f"stage:collect_rollouts:{iteration}:end")
     return episodes
 
 
 def run_adapt(ctx: PipelineContext, iteration: int, theta: dict[str, Tensor],
               pre: Episodes) -> Params:
     maybe_inject_fault("adapt", iteration)
+    fault_point(f"stage:adapt:{iteration}:start")
     start = time.perf_counter()
     params = {k: v for k, v in theta.items() if not k.startswith(OPTIM_PREFIX)}
     adapted = ctx.learner.adapt(pre, params)
     ctx.store.save_tensors(iteration, "adapted", adapted)
     ctx.timed("adapt", start)
+    fault_point(f"stage:adapt:{iteration}:end")
     return adapted
 
 
@@ -148,6 +155,7 @@ def run_meta_update(ctx: PipelineContext, iteration: int, theta: dict[str, Tenso
                     theta_record: dict, pre: Episodes, post: Episodes
                     ) -> tuple[dict[str, Tensor], dict, dict[str, float]]:
     maybe_inject_fault("meta_update", iteration)
+    fault_point(f"stage:meta_update:{iteration}:start")
     start = time.perf_counter()
     learner = ctx.learner
     if ctx.loaded_state is not theta:  # a retry or a lone re-run starts from the stored state
@@ -158,24 +166,32 @@ def run_meta_update(ctx: PipelineContext, iteration: int, theta: dict[str, Tenso
     ctx.loaded_state, ctx.loaded_record = new_state, record
     ctx.store.save_tensors(iteration, "meta_update", new_state, {**record, "stats": stats})
     ctx.timed("meta_update", start)
+    fault_point(f"stage:meta_update:{iteration}:end")
     return new_state, record, stats
 
 
 def run_evaluate(ctx: PipelineContext, iteration: int, tasks: pd.DataFrame,
                  steps: int | None = None) -> pd.DataFrame:
     maybe_inject_fault("evaluate", iteration)
+    fault_point(f"stage:evaluate:{iteration}:start")
     start = time.perf_counter()
     curve = ctx.learner.evaluate(tasks, steps)
     ctx.store.save_evaluation(iteration, curve)
     ctx.timed("evaluate", start)
+    fault_point(f"stage:evaluate:{iteration}:end")
     return curve
 
 
 def run_checkpoint(ctx: PipelineContext, iteration: int, extra: dict | None = None):
     maybe_inject_fault("checkpoint", iteration)
+    fault_point(f"stage:checkpoint:{iteration}:start")
     start = time.perf_counter()
-    path = ctx.learner.save(ctx.store.checkpoint_dir, extra)
+    try:
+        path = ctx.learner.save(ctx.store.checkpoint_dir, extra)
+    except OSError as exc:  # a full or unwritable store: not healed by a retry
+        raise ctx.store.write_error(exc) from exc
     ctx.timed("checkpoint", start)
+    fault_point(f"stage:checkpoint:{iteration}:end")
     return path
 
 

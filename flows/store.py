@@ -21,14 +21,21 @@ last ``keep_last`` iterations are kept; checkpoints stay.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pandas as pd
 from torch import Tensor
 
-from maml_core.checkpoint import atomic_write_bytes, load_tensors, save_tensors
+from maml_core.checkpoint import (
+    atomic_write_bytes,
+    load_tensors,
+    remove_stale_temporaries,
+    save_tensors,
+)
 from maml_core.episodes import Episodes
+from maml_core.faults import fault_point
 
 
 class StoreError(RuntimeError):
@@ -45,10 +52,23 @@ class StageStore:
         self.writer = writer
 
     def _write(self, fn, *args) -> None:
+        def guarded() -> None:
+            try:
+                fn(*args)
+            except OSError as exc:  # full disk, file-size limit, read-only, not a folder...
+                raise self.write_error(exc) from exc
+
         if self.writer is None:
-            fn(*args)
+            guarded()
         else:
-            self.writer.submit(fn, *args)
+            self.writer.submit(guarded)
+
+    def write_error(self, exc: OSError) -> StoreError:
+        """The clear error for a failed write (``exc``): the store, the reason and the fix."""
+        where = f" writing {exc.filename!r}" if getattr(exc, "filename", None) else ""
+        return StoreError(f"the stage store {str(self.run_dir)!r} cannot be written "
+                          f"({exc.strerror or exc}{where}); free space or set MAML_HOME to a "
+                          "writable folder, then resume the run")
 
     # ----------------------------------------------------------------- paths
     def iteration_dir(self, iteration: int) -> Path:
@@ -76,7 +96,10 @@ class StageStore:
 
     # ----------------------------------------------------------------- generic records
     def write_json(self, path: Path, record: dict) -> None:
-        atomic_write_bytes(path, json.dumps(record, indent=1, sort_keys=True).encode())
+        try:
+            atomic_write_bytes(path, json.dumps(record, indent=1, sort_keys=True).encode())
+        except OSError as exc:
+            raise self.write_error(exc) from exc
 
     def read_json(self, path: Path) -> dict:
         if not path.is_file():
@@ -121,8 +144,14 @@ class StageStore:
         directory = self.iteration_dir(iteration)
 
         def write() -> None:
-            digest = save_tensors(directory / f"{name}.safetensors", tensors)
-            self.write_json(directory / f"{name}.json", {**(record or {}), "sha256": digest})
+            tensor_path = directory / f"{name}.safetensors"
+            digest = save_tensors(tensor_path, tensors)
+            try:
+                self.write_json(directory / f"{name}.json", {**(record or {}), "sha256": digest})
+            except BaseException:  # no tensor file without its record is left behind
+                tensor_path.unlink(missing_ok=True)
+                (directory / f"{name}.json").unlink(missing_ok=True)
+                raise
 
         self._write(write)
 
@@ -157,10 +186,34 @@ class StageStore:
         return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
 
     def prune(self, keep_last: int) -> None:
-        """Drop all but the last ``keep_last`` iterations (checkpoints are kept apart)."""
+        """Drop all but the last ``keep_last`` iterations (checkpoints are kept apart).
+
+        Each folder is first renamed out of the listing (atomic), then deleted, so that a crash
+        in the middle of a deletion never leaves a half-deleted iteration behind; such
+        leftovers (``.<iteration>.pruned``) are deleted by the next prune."""
         self.drain()
         for it in self.iterations()[:-keep_last]:
-            shutil.rmtree(self.iteration_dir(it), ignore_errors=True)
+            src = self.iteration_dir(it)
+            doomed = src.with_name(f".{src.name}.pruned")
+            try:
+                os.replace(src, doomed)
+            except OSError:  # e.g. a leftover of the same name: delete that first
+                shutil.rmtree(doomed, ignore_errors=True)
+                os.replace(src, doomed)
+            fault_point(f"store:prune:{it}")
+        self._remove_pruned()
+
+    def _remove_pruned(self) -> int:
+        base = self.run_dir / "iterations"
+        leftovers = list(base.glob(".*.pruned")) if base.is_dir() else []
+        for leftover in leftovers:
+            shutil.rmtree(leftover, ignore_errors=True)
+        return len(leftovers)
+
+    def remove_leftovers(self) -> int:
+        """After a crash: delete the temporary files of interrupted writes (never renamed into
+        place, so never read) and the folders of an interrupted prune; returns how many."""
+        return remove_stale_temporaries(self.run_dir) + self._remove_pruned()
 
     def save_evaluation(self, iteration: int, table: pd.DataFrame) -> Path:
         path = self.evaluation_dir / f"iter-{iteration:06d}.parquet"

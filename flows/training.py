@@ -16,13 +16,14 @@ from flows.config import RunConfig, load_run_config
 from flows.settings import deprioritize_local_server, maml_home
 from flows.stages import PipelineContext, configured, learner_state
 from flows.store import StageStore
-from flows.writer import BackgroundWriter
+from flows.writer import BackgroundWriter, ServiceUnavailableError
 from maml_core.checkpoint import latest_checkpoint
+from maml_core.faults import fault_point
 from maml_core.trainer import MetaLearner, summary_table
 
 ITERATION_METRICS = ("pre_return", "post_return", "pre_mse", "post_mse", "meta_loss",
                      "meta_loss_after", "kl", "grad_norm", "line_search_steps", "rejected",
-                     "env_steps")
+                     "rejected_in_a_row", "env_steps")
 
 
 def store_root() -> Path:
@@ -90,7 +91,15 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                                     flow_run_id=str(runtime.flow_run.id or "") or None,
                                     parent_model_version=init_model)
     writer = BackgroundWriter()
-    metric_buffer = MetricBuffer(run_id, writer)
+    # MLflow calls of the loop (metrics, checkpoint artifacts) on their own thread, retried
+    # through an outage of the server for up to pipeline.mlflow_outage_seconds (README,
+    # "Reliability"); the loop waits for them only before a checkpoint and at the end.
+    mlflow_writer = BackgroundWriter(
+        "maml-mlflow", retry_seconds=config.pipeline.mlflow_outage_seconds,
+        service=f"the MLflow tracking server ({tcfg.tracking_uri})",
+        hint=f"the metrics since the last checkpoint are replayed by "
+             f"`maml train --resume {run_id}` once it is back")
+    metric_buffer = MetricBuffer(run_id, mlflow_writer)
     store = StageStore(store_root(), run_id, writer)
     store.ensure_writable()
     learner = MetaLearner(config)
@@ -100,9 +109,12 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
         learner.load_model_params(params, f"model {init_model!r}")
         parent_version = info.get("version")
     if resume:
+        store.remove_leftovers()  # temporaries of interrupted writes, half-pruned folders
         ckpt = latest_checkpoint(store.checkpoint_dir)
         if ckpt is not None:
             learner.restore(ckpt)
+            # its artifact upload may be what the crash interrupted (idempotent)
+            mlflow_writer.submit(tracking.log_checkpoint, run_id, ckpt)
         tracking.set_tags(run_id, {f"maml.resumed_at_{int(time.time())}":
                                    str(learner.iteration)})
     else:
@@ -123,6 +135,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                desc=f"meta-train {config.task.family}", unit="it", dynamic_ncols=True)
     curve = None
     wall: list[float] = []  # per iteration, stage store and MLflow logging included
+    failure: BaseException | None = None
     try:
         ctx.scale_out = scale_out.open_collector(config, learner)  # None: local runner
         while learner.iteration < total:
@@ -152,17 +165,32 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             if done % config.checkpoint_every == 0 or done == total:
                 metric_buffer.flush()
                 store.drain()  # everything before the checkpoint is on disk and in MLflow
+                mlflow_writer.drain()
                 path = stages["checkpoint"](ctx, done)
-                tracking.log_checkpoint(run_id, path)
+                mlflow_writer.submit(tracking.log_checkpoint, run_id, path)
             metric_buffer.flush_if_due()
             store.prune(config.pipeline.keep_last)
+            fault_point(f"iteration:{it}:end")
             bar.set_postfix(_postfix(stats), refresh=False)
             bar.update(1)
             wall.append(time.perf_counter() - started)
+    except Exception as exc:
+        failure = exc
+        raise
     finally:
         bar.close()
-        metric_buffer.flush()
-        writer.close()
+        try:
+            try:
+                if isinstance(failure, ServiceUnavailableError):
+                    mlflow_writer.close(abandon=True)  # MLflow is gone: do not wait again
+                else:
+                    metric_buffer.flush()
+                    mlflow_writer.close()
+            finally:
+                writer.close()
+        finally:
+            if failure is not None:
+                _record_failure(run_id, failure)
     if curve is None:
         curve = stages["evaluate"](ctx, learner.iteration, held_out)
     summary = summary_table(curve)
@@ -178,6 +206,19 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             "model_version": getattr(version, "version", None),
             "registered_model": tcfg.registered_model_name, "store": str(store.run_dir),
             "iteration_seconds": wall}
+
+
+def _record_failure(run_id: str, exc: BaseException) -> None:
+    """Mark the MLflow run FAILED with the error as a tag (best effort: not when MLflow itself
+    is what failed). ``maml train --resume`` reopens it."""
+    if isinstance(exc, ServiceUnavailableError):
+        return
+    try:
+        tracking.set_tags(run_id, {"maml.failure": f"{type(exc).__name__}: "
+                                   f"{' '.join(str(exc).split())}"})
+        tracking.end_run(run_id, "FAILED")
+    except Exception:  # the original error matters more
+        pass
 
 
 def _rl_iteration(ctx: PipelineContext, stages: dict, it: int, state: dict,

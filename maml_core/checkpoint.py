@@ -49,6 +49,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         fault_point(f"atomic-write:{path.name}:before-rename")
         os.replace(tmp, path)
+    except OSError as exc:  # e.g. a full disk: no temporary left, and the error names the file
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None or exc.filename == tmp:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -111,7 +116,12 @@ def save_checkpoint(directory: str | Path, iteration: int, meta_params: dict[str
                 "tensors": f"{stem}.safetensors", "sha256": digest, "config": config,
                 "architecture": architecture, "optimizer": optimizer_meta, **(extra or {})}
     path = directory / f"{stem}.json"
-    atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    try:
+        atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    except Exception:  # e.g. a full disk: leave no tensor file without its manifest
+        (directory / f"{stem}.safetensors").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -37,7 +37,8 @@ def adaptation_curve(pool: EnvPool, policy, meta_params: Params, tasks: pd.DataF
     params: Params = theta
     for step in range(steps + 1):
         seeds = [derive_seed(seed, "evaluate", step, int(t)) for t in task_ids]
-        episodes = collect_episodes(env, policy, params, seeds, horizon)
+        episodes = collect_episodes(env, policy, params, seeds, horizon,
+                                    context=f"evaluation, adaptation step {step}")
         returns = episodes.task_returns().cpu().numpy()
         rows.append(pd.DataFrame({TASK_ID: task_ids, "step": step, "return": returns}))
         if step == steps:

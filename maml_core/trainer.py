@@ -80,7 +80,8 @@ class MetaLearner:
         env = self.pool.get(tasks, episodes_per_task or cfg.episodes_per_task, self.horizon)
         seeds = [derive_seed(cfg.seed, iteration, stage, int(t)) for t in tasks[TASK_ID]]
         theta, _ = split_meta_params(params)
-        episodes = collect_episodes(env, self.policy, theta, seeds, self.horizon)
+        episodes = collect_episodes(env, self.policy, theta, seeds, self.horizon,
+                                    context=f"iteration {iteration}, phase {stage!r}")
         return process_episodes(episodes, cfg.gamma, cfg.gae_lambda, cfg.normalize_advantages)
 
     def adapt(self, pre: Episodes, meta_params: Params | None = None) -> Params:
@@ -100,6 +101,7 @@ class MetaLearner:
         """One meta-optimizer step on theta from pre- and post-adaptation episodes."""
         stats = self.optimizer.step(self.objective(pre, post))
         self._count_rejections(stats)
+        stats["rejected_in_a_row"] = float(self.rejected_in_a_row)
         return stats
 
     def evaluate(self, tasks: pd.DataFrame, steps: int | None = None,
@@ -156,6 +158,7 @@ class MetaLearner:
                                               cfg.inner.first_order)
         stats = self.optimizer.apply_loss(loss)
         self._count_rejections(stats)
+        stats["rejected_in_a_row"] = float(self.rejected_in_a_row)
         stats.update(meta_loss=float(loss.detach()), pre_mse=float(pre_loss),
                      post_mse=float(loss.detach()),
                      seconds_iteration=time.perf_counter() - t0)

@@ -1,0 +1,250 @@
+"""SIGKILL of ``maml train`` at seeded fault points, then ``maml train --resume``.
+
+Every case kills a training subprocess at one named point (``MAML_KILL_AT``, see
+``maml_core.faults``): at the start or end of a stage, in the middle of a checkpoint write or of
+a stage-store write, before or after an MLflow metric batch, while pruning the store. Then the
+run is resumed in this process and must finish with exactly the parameters of an uninterrupted
+run of the same seed; no checkpoint or store file may be corrupt, neither right after the kill
+nor after the resume; and the MLflow metric history must have every step once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / "configs" / "navigation2d.yaml")
+ITERATIONS = 5
+CHECKPOINTS = (2, 4, 5)  # checkpoint_every=2, and the last iteration
+EVALUATIONS = (2, 4, 5)  # evaluation.every=2, and the last iteration
+OVERRIDES = [f"iterations={ITERATIONS}", "checkpoint_every=2", "meta_batch_size=4",
+             "episodes_per_task=4", "evaluation.every=2", "evaluation.steps=1",
+             "evaluation.episodes_per_task=2", "pipeline.keep_last=2",
+             "pipeline.retry_delay_seconds=0", "pipeline.register_model=false"]
+ITERATION_KEYS = ("post_return", "pre_return", "meta_loss", "seconds_iteration")
+EVAL_KEYS = ("eval_return_step_0", "eval_return_step_1")
+SUBPROCESS_TIMEOUT = 180
+
+
+def _candidates() -> dict[str, list[str]]:
+    """Every kill point that the config above reaches (each at least once), by kind."""
+    out: dict[str, list[str]] = {}
+
+    def add(kind: str, *points: str) -> None:
+        out.setdefault(kind, []).extend(points)
+
+    for it in range(ITERATIONS):
+        for stage in ("sample_tasks", "adapt", "meta_update"):
+            add(stage, f"stage:{stage}:{it}:start", f"stage:{stage}:{it}:end")
+        for nth in (1, 2):  # pre- and post-adaptation rollouts
+            add("collect_rollouts", f"stage:collect_rollouts:{it}:start@{nth}",
+                f"stage:collect_rollouts:{it}:end@{nth}")
+        add("iteration-end", f"iteration:{it}:end")
+    for it in EVALUATIONS:
+        add("evaluate", f"stage:evaluate:{it}:start", f"stage:evaluate:{it}:end")
+        add("evaluation-write", f"atomic-write:iter-{it:06d}.parquet:half-written",
+            f"atomic-write:iter-{it:06d}.parquet:before-rename")
+    for it in CHECKPOINTS:
+        add("checkpoint", f"stage:checkpoint:{it}:start", f"stage:checkpoint:{it}:end")
+        for suffix in ("safetensors", "json"):
+            for where in ("half-written", "before-rename"):
+                add("checkpoint-write", f"atomic-write:iter-{it:06d}.{suffix}:{where}")
+    for nth in range(1, ITERATIONS + 1):  # the n-th write of a stage output: iteration n-1
+        add("store-write", f"atomic-write:tasks.parquet:half-written@{nth}")
+        for name in ("theta", "pre", "adapted", "post", "meta_update"):
+            for suffix in ("safetensors", "json"):
+                for where in ("half-written", "before-rename"):
+                    add("store-write", f"atomic-write:{name}.{suffix}:{where}@{nth}")
+    # One metric batch per checkpoint at least (more when a 5 s flush falls in between).
+    for nth in range(1, len(CHECKPOINTS) + 1):
+        add("mlflow", f"mlflow:log-batch:before@{nth}", f"mlflow:log-batch:after@{nth}")
+    add("prune", *(f"store:prune:{it}" for it in range(ITERATIONS - 2)))  # keep_last=2
+    return out
+
+
+def _choose(seed: int = 20240611, extra: int = 3) -> list[str]:
+    """``ALWAYS``, one seeded draw of every kind, and ``extra`` seeded draws of any kind."""
+    rng = random.Random(seed)
+    chosen = list(ALWAYS)
+    for kind in sorted(CANDIDATES):
+        chosen.append(rng.choice(sorted(set(CANDIDATES[kind]) - set(chosen))))
+    rest = sorted({p for points in CANDIDATES.values() for p in points} - set(chosen))
+    return chosen + rng.sample(rest, extra)
+
+
+# Always covered: in the middle of a checkpoint write, of an MLflow batch, a kill before the
+# first checkpoint (the run resumes from iteration 0), kills in the middle of a prune (the
+# last one after the final checkpoint: the resumed run has no iteration left to run).
+ALWAYS = ["atomic-write:iter-000002.safetensors:half-written",
+          "atomic-write:iter-000002.json:before-rename",
+          "atomic-write:iter-000004.json:half-written",
+          "mlflow:log-batch:before@2", "mlflow:log-batch:after@1",
+          "stage:meta_update:1:end", "store:prune:1", "store:prune:2"]
+CANDIDATES = _candidates()
+POINTS = _choose()
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _load_params(run_id: str) -> tuple[dict, dict]:
+    from flows.training import store_root
+    from maml_core.checkpoint import load_checkpoint
+
+    manifest, params, optim = load_checkpoint(store_root() / run_id / "checkpoints")
+    assert manifest["iteration"] == ITERATIONS
+    return params, optim
+
+
+def _assert_store_intact(run_dir: Path, complete: bool) -> None:
+    """Every complete checkpoint and every recorded stage output loads with its checksum;
+    ``complete``: also every checkpoint is there and no temporary file is left."""
+    import pandas as pd
+
+    from flows.store import StageStore
+    from maml_core.checkpoint import list_checkpoints, load_checkpoint
+
+    store = StageStore(run_dir.parent, run_dir.name)
+    found = list_checkpoints(store.checkpoint_dir)
+    for it, manifest_path in found:
+        manifest, _, _ = load_checkpoint(manifest_path)  # SHA-256 verified
+        assert manifest["iteration"] == it
+    for it in store.iterations():
+        directory = store.iteration_dir(it)
+        for record in directory.glob("*.json"):
+            store.load_tensors(it, record.stem)  # SHA-256 verified
+        if store.has_table(it, "tasks"):
+            store.load_table(it, "tasks")
+    for table in store.evaluation_dir.glob("*.parquet"):
+        pd.read_parquet(table)
+    store.load_config()
+    if complete:
+        assert [it for it, _ in found] == list(CHECKPOINTS)
+        assert store.iterations() == list(range(ITERATIONS - 2, ITERATIONS))  # keep_last=2
+        leftovers = [p for p in run_dir.rglob("*") if p.name.endswith((".tmp", ".pruned"))]
+        assert not leftovers, leftovers
+
+
+def _assert_mlflow_run(run_id: str, reference_id: str, run_dir: Path) -> None:
+    """Metric history: every step once, the reference's values; every checkpoint logged whole."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    logged = {Path(f.path).name: f.file_size for f in client.list_artifacts(run_id,
+                                                                          "checkpoints")}
+    local = {p.name: p.stat().st_size for p in (run_dir / "checkpoints").glob("iter-*")}
+    assert logged == local
+    for key in ITERATION_KEYS:
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(ITERATIONS)), (key, steps)
+    for key in EVAL_KEYS:
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(EVALUATIONS), (key, steps)
+    for key in ("post_return", "pre_return", "meta_loss", *EVAL_KEYS):
+        got = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        want = {m.step: m.value for m in client.get_metric_history(reference_id, key)}
+        assert got == want, key
+
+
+@pytest.fixture(scope="module")
+def reference(pipeline):
+    """The uninterrupted run (in this process)."""
+    from flows.training import meta_train
+
+    return meta_train(config_path=CONFIG, overrides=OVERRIDES, run_name="uninterrupted-kill")
+
+
+@pytest.fixture(scope="module")
+def subprocess_env(pipeline):
+    """Environment of the training subprocesses: this session's MLflow store and Prefect
+    server (so that no subprocess starts a temporary Prefect server of its own)."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import tracking
+
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.active_config().tracking_uri,
+               PYTHONUNBUFFERED="1")
+    env.pop("MAML_KILL_AT", None)
+    api_url = PREFECT_API_URL.value()
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    else:
+        env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _train_until_killed(point: str, env: dict) -> Path:
+    """Run ``maml train`` with ``MAML_KILL_AT=point``; return the run folder it left."""
+    from flows.training import store_root
+
+    root = store_root()
+    root.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in root.iterdir()}
+    args = [sys.executable, "-m", "flows.cli", "train", CONFIG]
+    for o in OVERRIDES:
+        args += ["--set", o]
+    with tempfile.TemporaryFile() as err:
+        # A session of its own: without PREFECT_API_URL the training starts a temporary Prefect
+        # server as its child, which the SIGKILL orphans; it is killed with the group.
+        proc = subprocess.Popen(args, env={**env, "MAML_KILL_AT": point}, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            code = proc.wait(SUBPROCESS_TIMEOUT)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")[-3000:]
+    assert code == -signal.SIGKILL, (
+        f"{point}: expected death by SIGKILL, got exit code {code} (a point that is never "
+        f"reached must leave the list)\n{stderr}")
+    new = [p for p in root.iterdir() if p.name not in before]
+    assert len(new) == 1, new
+    return new[0]
+
+
+# --------------------------------------------------------------------------- the test
+
+def test_points_are_spread_across_stages():
+    assert len(POINTS) >= 20 and len(set(POINTS)) == len(POINTS)
+    for kind, points in CANDIDATES.items():
+        assert set(points) & set(POINTS), kind
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_resume_after_sigkill(point, reference, subprocess_env):
+    from flows.cli import main
+
+    started = time.perf_counter()
+    run_dir = _train_until_killed(point, subprocess_env)
+    run_id = run_dir.name
+    _assert_store_intact(run_dir, complete=False)
+
+    killed = time.perf_counter()
+    assert main(["--verbose", "train", "--resume", run_id]) == 0
+    resumed = time.perf_counter()
+
+    params, optim = _load_params(run_id)
+    ref_params, ref_optim = _load_params(reference["run_id"])
+    assert params.keys() == ref_params.keys()
+    for k in params:
+        assert torch.equal(params[k], ref_params[k]), k
+    assert optim.keys() == ref_optim.keys()
+    for k in optim:
+        assert torch.equal(optim[k], ref_optim[k]), k
+    _assert_store_intact(run_dir, complete=True)
+    _assert_mlflow_run(run_id, reference["run_id"], run_dir)
+    print(f"{point}: killed after {killed - started:.1f} s, resumed in {resumed - killed:.1f} "
+          f"s, checked in {time.perf_counter() - resumed:.1f} s")
