@@ -410,17 +410,17 @@ def test_mlflow_outage_mid_run_loses_no_metric(use_server, monkeypatch):
     monkeypatch.setattr(training, "BackgroundWriter", Recorded)
 
     server = use_server
-    iterations = 12
+    iterations = 40  # a long stretch between checkpoints, so that the outage falls inside it
     overrides = [f"iterations={iterations}", "meta_batch_size=4", "episodes_per_task=5",
-                 "evaluation.every=6", "evaluation.steps=1", "evaluation.episodes_per_task=5",
-                 "checkpoint_every=6", "pipeline.register_model=false",
+                 "evaluation.every=20", "evaluation.steps=1", "evaluation.episodes_per_task=5",
+                 "checkpoint_every=20", "pipeline.register_model=false",
                  "pipeline.retry_delay_seconds=0", "pipeline.mlflow_outage_seconds=120"]
     before = _run_dirs()
     outage: dict = {}
 
     def break_mlflow():
         """Stop the server just after the first checkpoint (the run has metrics in MLflow,
-        and the next checkpoint, which waits for them, is 6 iterations away); start it again
+        and the next checkpoint, which waits for them, is 20 iterations away); start it again
         once two more iterations are done."""
         try:
             client = MlflowClient(server.uri)
@@ -428,10 +428,10 @@ def test_mlflow_outage_mid_run_loses_no_metric(use_server, monkeypatch):
             while time.time() < deadline:
                 new = _run_dirs() - before
                 if new and (store_root() / next(iter(new)) / "checkpoints" /
-                            "iter-000006.json").is_file():
+                            "iter-000020.json").is_file():
                     assert client.get_metric_history(next(iter(new)), "pre_return")
                     break
-                time.sleep(0.2)
+                time.sleep(0.02)
             outage["run_id"] = run_id = next(iter(_run_dirs() - before))
             server.stop()
             down_at = _latest_iteration(store_root() / run_id)
@@ -464,9 +464,9 @@ def test_mlflow_outage_mid_run_loses_no_metric(use_server, monkeypatch):
         assert sorted(steps) == list(range(iterations)), (key, sorted(steps))
     for key in ("eval_return_step_0", "eval_return_step_1"):
         steps = [m.step for m in client.get_metric_history(run_id, key)]
-        assert sorted(steps) == [6, 12], (key, sorted(steps))
+        assert sorted(steps) == [20, 40], (key, sorted(steps))
     artifacts = {f.path for f in client.list_artifacts(run_id, "checkpoints")}
-    assert {"checkpoints/iter-000006.json", "checkpoints/iter-000012.json"} <= artifacts
+    assert {"checkpoints/iter-000020.json", "checkpoints/iter-000040.json"} <= artifacts
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
