@@ -27,7 +27,8 @@ import torch
 from maml_core.adaptation import split_meta_params
 from maml_core.allocator import tune_allocator
 from maml_core.config import build_config
-from maml_core.rollouts import collect_episodes, rollout_task_seeds
+from maml_core.rollouts import collect_episodes
+from maml_core.seeding import task_seeds
 from maml_core.tasks.base import TASK_ID
 from maml_core.trainer import MetaLearner
 
@@ -69,7 +70,7 @@ def time_rollouts(learner: MetaLearner, runs: int) -> tuple[float, int]:
     theta, _ = split_meta_params({k: v.detach() for k, v in learner.meta_params.items()})
     rates, steps = [], 0
     for r in range(runs + 1):  # the first run is a warm-up
-        seeds = rollout_task_seeds(learner.config.seed, 10_000 + r, "bench", tasks[TASK_ID])
+        seeds = task_seeds(learner.config.seed, 10_000 + r, "bench", tasks[TASK_ID])
         t0 = time.perf_counter()
         episodes = collect_episodes(env, learner.policy, theta, seeds, learner.horizon)
         dt = time.perf_counter() - t0

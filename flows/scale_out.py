@@ -59,7 +59,8 @@ from maml_core.advantages import process_episodes
 from maml_core.config import ConfigError
 from maml_core.episodes import Episodes
 from maml_core.policies import Params
-from maml_core.rollouts import collect_episodes, rollout_task_seeds
+from maml_core.rollouts import collect_episodes
+from maml_core.seeding import task_seeds
 from maml_core.tasks.base import TASK_ID
 from maml_core.trainer import MetaLearner
 
@@ -152,7 +153,7 @@ def collect_shard_padded(learner: MetaLearner, params: Params, tasks: pd.DataFra
     cfg = learner.config
     e = cfg.episodes_per_task
     env = learner.pool.get(tasks, e, learner.horizon)
-    seeds = rollout_task_seeds(cfg.seed, iteration, phase, tasks[TASK_ID])
+    seeds = task_seeds(cfg.seed, iteration, phase, tasks[TASK_ID])
     theta, _ = split_meta_params(params)
     policy = _PaddedPolicy(learner.policy, start, len(tasks), total, e)
     episodes = collect_episodes(env, policy, theta, seeds, learner.horizon,

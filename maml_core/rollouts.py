@@ -155,11 +155,3 @@ def collect_episodes(env: TaskVectorEnv, policy, params: Params, seeds: list[int
     return Episodes(observations=observations, actions=torch.stack(act_buf), rewards=rewards,
                     masks=torch.stack(mask_buf))
 
-
-def rollout_task_seeds(run_seed: int, iteration: int, stage: str, task_ids) -> list[int]:
-    """Seeds for a rollout stage: one per task, from (run seed, iteration, stage, task id)."""
-    return [derive_seed(run_seed, iteration, stage, int(t)) for t in task_ids]
-
-
-def mean_return(episodes: Episodes) -> Tensor:
-    return episodes.task_returns().mean()

@@ -30,7 +30,7 @@ from maml_core.meta_objective import MetaBatch, MetaObjective
 from maml_core.optimizers import make_meta_optimizer
 from maml_core.policies import Params, build_policy
 from maml_core.rollouts import EnvPool, collect_episodes
-from maml_core.seeding import derive_seed, generator
+from maml_core.seeding import derive_seed, generator, task_seeds
 from maml_core.supervised import regression_curve, sample_support_query, supervised_meta_loss
 from maml_core.tasks.base import TASK_ID
 
@@ -78,7 +78,7 @@ class MetaLearner:
         """Episodes of ``params`` (shared or one set per task) on ``tasks``, with advantages."""
         cfg = self.config
         env = self.pool.get(tasks, episodes_per_task or cfg.episodes_per_task, self.horizon)
-        seeds = [derive_seed(cfg.seed, iteration, stage, int(t)) for t in tasks[TASK_ID]]
+        seeds = task_seeds(cfg.seed, iteration, stage, tasks[TASK_ID])
         theta, _ = split_meta_params(params)
         episodes = collect_episodes(env, self.policy, theta, seeds, self.horizon,
                                     context=f"iteration {iteration}, phase {stage!r}")
