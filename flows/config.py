@@ -27,6 +27,9 @@ class PipelineConfig(_Strict):
     retry_jitter_factor: float = Field(0.5, ge=0)
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
     keep_last: int = Field(3, ge=1, description="stage-store iterations kept (plus checkpoints)")
+    store_sync: Literal["checkpoint", "write"] = Field(
+        "checkpoint", description="when stage outputs are fsynced: in one batch before each "
+        "checkpoint, or as each is written (a killed process loses neither; see flows/store.py)")
     task_runner: Literal["local", "dask"] = "local"
     dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster")
     dask_workers: int = Field(2, ge=1, description="workers of the default LocalCluster")

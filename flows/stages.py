@@ -18,6 +18,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
+from prefect.utilities.annotations import quote
 from torch import Tensor
 
 from flows.config import RunConfig
@@ -67,6 +68,8 @@ class PipelineContext:
     store: StageStore
     config: RunConfig
     timings: dict[str, float] = field(default_factory=dict)
+    # mean return and env steps of the last collect_rollouts of each phase (pre, post)
+    collected: dict[str, dict] = field(default_factory=dict)
     # The state dict the learner holds right now (None once it may have changed), so that an
     # in-process meta_update need not reload what the learner already has.
     loaded_state: dict | None = None
@@ -130,9 +133,10 @@ def run_collect_rollouts(ctx: PipelineContext, iteration: int, phase: str, param
     fault_point(f"stage:collect_rollouts:{iteration}:start")
     start = time.perf_counter()
     episodes = (ctx.scale_out or ctx.learner).collect(params, tasks, iteration, phase)
-    ctx.store.save_episodes(iteration, phase, episodes,
-                            {"mean_return": float(episodes.task_returns().mean()),
-                             "env_steps": episodes.num_steps})
+    summary = {"mean_return": float(episodes.task_returns().mean()),
+               "env_steps": episodes.num_steps}
+    ctx.collected[phase] = summary
+    ctx.store.save_episodes(iteration, phase, episodes, summary)
     ctx.timed(f"collect_{phase}", start)
     fault_point(f"stage:collect_rollouts:{iteration}:end")
     return episodes
@@ -207,7 +211,22 @@ STAGE_TASKS = {"sample_tasks": sample_tasks, "collect_rollouts": collect_rollout
                "checkpoint": checkpoint}
 
 
-def configured(config: RunConfig) -> dict:
+class ConfiguredStage:
+    """A stage task with a run's options, called with its arguments quoted.
+
+    Stage arguments never hold Prefect futures or states, so Prefect need not walk them: left
+    unquoted, each call would traverse the pipeline context (the whole pydantic config), the
+    episodes and the parameter dicts three times (inputs, dependency tracking, resolution),
+    which was most of Prefect's cost per task run (``bench/pipeline_overhead.py``)."""
+
+    def __init__(self, task_obj):
+        self.task = task_obj
+
+    def __call__(self, *args):
+        return self.task(*(quote(a) for a in args))
+
+
+def configured(config: RunConfig) -> dict[str, ConfiguredStage]:
     """The stage tasks with the retries and timeouts of ``config``."""
-    return {name: t.with_options(**stage_options(config, name))
+    return {name: ConfiguredStage(t.with_options(**stage_options(config, name)))
             for name, t in STAGE_TASKS.items()}

@@ -14,8 +14,15 @@ Layout under ``<root>/<run_id>/``::
     evaluations/iter-000010.parquet
 
 Tensors go to safetensors, tables to parquet, small records to JSON; every write is atomic
-(temporary file, fsync, rename) and every tensor file's SHA-256 is checked on load. Only the
-last ``keep_last`` iterations are kept; checkpoints stay.
+(temporary file, rename) and every tensor file's SHA-256 is checked on load. Only the last
+``keep_last`` iterations are kept; checkpoints stay.
+
+Durability: a killed process loses nothing that was renamed into place (the kernel holds it).
+Against a power loss, a store made with ``sync="checkpoint"`` (the flow's, with a background
+writer) fsyncs the stage outputs in one batch when ``sync()`` is called, which the flow does
+before every checkpoint: resume starts from the last checkpoint, so the iterations after it are
+recomputed anyway. That saves two fsyncs per file per iteration (``bench/pipeline_overhead.py``).
+``sync="write"`` fsyncs every file as it is written.
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 from torch import Tensor
 
 from maml_core.checkpoint import (
     atomic_write_bytes,
+    fsync_paths,
     load_tensors,
     remove_stale_temporaries,
     save_tensors,
@@ -43,13 +52,17 @@ class StoreError(RuntimeError):
 
 
 class StageStore:
-    def __init__(self, root: str | Path, run_id: str, writer=None):
+    def __init__(self, root: str | Path, run_id: str, writer=None,
+                 sync: Literal["write", "checkpoint"] = "write"):
         """``writer`` (a ``flows.writer.BackgroundWriter``) makes stage-output writes
-        asynchronous; without one every write completes before the call returns."""
+        asynchronous; without one every write completes before the call returns. ``sync``:
+        when stage outputs are fsynced (module docstring)."""
         self.root = Path(root)
         self.run_id = run_id
         self.run_dir = self.root / run_id
         self.writer = writer
+        self.durable = sync == "write"
+        self._unsynced: list[Path] = []  # touched only by the thread that writes
 
     def _write(self, fn, *args) -> None:
         def guarded() -> None:
@@ -62,6 +75,21 @@ class StageStore:
             guarded()
         else:
             self.writer.submit(guarded)
+
+    def _put(self, path: Path, data: bytes) -> None:
+        """A stage output, written atomically; durable now or at the next ``sync``."""
+        atomic_write_bytes(path, data, self.durable)
+        if not self.durable:
+            self._unsynced.append(path)
+
+    def sync(self) -> None:
+        """Make every stage output written so far durable (fsync, in one batch, after the
+        writes queued before it). ``drain`` waits for it."""
+        def flush() -> None:
+            paths, self._unsynced = self._unsynced, []
+            fsync_paths(paths)
+
+        self._write(flush)
 
     def write_error(self, exc: OSError) -> StoreError:
         """The clear error for a failed write (``exc``): the store, the reason and the fix."""
@@ -95,9 +123,13 @@ class StageStore:
                              "writable folder") from None
 
     # ----------------------------------------------------------------- generic records
-    def write_json(self, path: Path, record: dict) -> None:
+    def write_json(self, path: Path, record: dict, durable: bool = True) -> None:
+        data = json.dumps(record, indent=1, sort_keys=True).encode()
         try:
-            atomic_write_bytes(path, json.dumps(record, indent=1, sort_keys=True).encode())
+            if durable:
+                atomic_write_bytes(path, data)
+            else:
+                self._put(path, data)
         except OSError as exc:
             raise self.write_error(exc) from exc
 
@@ -122,7 +154,7 @@ class StageStore:
     # ----------------------------------------------------------------- stage outputs
     def save_table(self, iteration: int, name: str, table: pd.DataFrame) -> Path:
         path = self.iteration_dir(iteration) / f"{name}.parquet"
-        self._write(lambda: atomic_write_bytes(path, table.to_parquet(index=False)))
+        self._write(lambda: self._put(path, table.to_parquet(index=False)))
         return path
 
     def load_table(self, iteration: int, name: str) -> pd.DataFrame:
@@ -145,9 +177,12 @@ class StageStore:
 
         def write() -> None:
             tensor_path = directory / f"{name}.safetensors"
-            digest = save_tensors(tensor_path, tensors)
+            digest = save_tensors(tensor_path, tensors, durable=self.durable)
+            if not self.durable:
+                self._unsynced.append(tensor_path)
             try:
-                self.write_json(directory / f"{name}.json", {**(record or {}), "sha256": digest})
+                self.write_json(directory / f"{name}.json", {**(record or {}), "sha256": digest},
+                                durable=self.durable)
             except BaseException:  # no tensor file without its record is left behind
                 tensor_path.unlink(missing_ok=True)
                 (directory / f"{name}.json").unlink(missing_ok=True)

@@ -100,7 +100,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
         hint=f"the metrics since the last checkpoint are replayed by "
              f"`maml train --resume {run_id}` once it is back")
     metric_buffer = MetricBuffer(run_id, mlflow_writer)
-    store = StageStore(store_root(), run_id, writer)
+    store = StageStore(store_root(), run_id, writer, sync=config.pipeline.store_sync)
     store.ensure_writable()
     learner = MetaLearner(config)
     parent_version = None
@@ -164,6 +164,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                 metric_buffer.add(done, _eval_metrics(summary_table(curve)))
             if done % config.checkpoint_every == 0 or done == total:
                 metric_buffer.flush()
+                store.sync()
                 store.drain()  # everything before the checkpoint is on disk and in MLflow
                 mlflow_writer.drain()
                 path = stages["checkpoint"](ctx, done)
@@ -187,6 +188,8 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                     metric_buffer.flush()
                     mlflow_writer.close()
             finally:
+                if failure is None:
+                    store.sync()
                 writer.close()
         finally:
             if failure is not None:
@@ -228,9 +231,10 @@ def _rl_iteration(ctx: PipelineContext, stages: dict, it: int, state: dict,
     adapted = stages["adapt"](ctx, it, state, pre)
     post = stages["collect_rollouts"](ctx, it, "post", adapted, tasks)
     _, _, stats = stages["meta_update"](ctx, it, state, record, pre, post)
-    return {**stats, "pre_return": float(pre.task_returns().mean()),
-            "post_return": float(post.task_returns().mean()),
-            "env_steps": float(pre.num_steps + post.num_steps)}
+    pre_summary, post_summary = ctx.collected["pre"], ctx.collected["post"]
+    return {**stats, "pre_return": pre_summary["mean_return"],
+            "post_return": post_summary["mean_return"],
+            "env_steps": float(pre_summary["env_steps"] + post_summary["env_steps"])}
 
 
 def _postfix(stats: dict[str, float]) -> dict[str, str]:

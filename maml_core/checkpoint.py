@@ -33,8 +33,12 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or does not fit the policy."""
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    ``durable``: fsync the file and its folder before returning, so that it also survives a
+    power loss. Without it the write is still atomic and survives a killed process (the kernel
+    holds it); ``fsync_paths`` makes a batch of such writes durable later."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,7 +50,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fault_point(f"atomic-write:{path.name}:half-written")
             fh.write(data[half:])
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         fault_point(f"atomic-write:{path.name}:before-rename")
         os.replace(tmp, path)
     except OSError as exc:  # e.g. a full disk: no temporary left, and the error names the file
@@ -57,11 +62,35 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def fsync_paths(paths) -> None:
+    """Make earlier non-durable writes of ``paths`` durable: fsync each file that still exists
+    (a pruned one needs nothing), then each folder once."""
+    folders = set()
+    for path in map(Path, paths):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        folders.add(path.parent)
+    for folder in sorted(folders):
+        if folder.is_dir():
+            _fsync_dir(folder)
 
 
 def remove_stale_temporaries(directory: str | Path) -> int:
@@ -78,12 +107,12 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict | None = None
-                 ) -> str:
+def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict | None = None,
+                 durable: bool = True) -> str:
     """Atomically save tensors as safetensors; returns the file's SHA-256."""
     data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                    metadata={k: str(v) for k, v in (metadata or {}).items()})
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, durable)
     return sha256(data)
 
 
