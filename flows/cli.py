@@ -1,10 +1,13 @@
-"""The ``maml`` command line: train, evaluate, retrain, schedule, stage, ui, lineage."""
+"""The ``maml`` command line: train, evaluate, baseline, report, retrain, schedule, stage, ui,
+lineage."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -44,6 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=3, help="adaptation steps (default 3)")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--episodes", type=int, default=None, help="episodes per task and step")
+
+    b = sub.add_parser("baseline", help="a baseline of the paper (random, pretrained, oracle) "
+                       "evaluated like MAML")
+    b.add_argument("config", help="YAML config (its evaluation section is the protocol)")
+    b.add_argument("--method", required=True, choices=["random", "pretrained", "oracle"],
+                   help="random init; one policy pretrained on all tasks; oracle (navigation2d: "
+                   "sees the goal)")
+    b.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config key (repeatable)")
+    b.add_argument("--pretrain-iterations", type=int, default=None, metavar="N",
+                   help="pretraining iterations (default: the config's iterations)")
+
+    rp = sub.add_parser("report", help="Markdown report of our runs beside the paper's numbers")
+    rp.add_argument("--out", default="docs/results", help="folder for README.md and the plots "
+                    "(default docs/results)")
+    rp.add_argument("--family", dest="families", action="extend", nargs="+", default=[],
+                    metavar="F", help="only these task families")
+    rp.add_argument("--run", dest="run_ids", action="extend", nargs="+", default=[],
+                    metavar="RUN_ID", help="use these meta-train/baseline runs instead of the "
+                    "latest of their family and method")
 
     r = sub.add_parser("retrain", help="warm-start from the champion, train, promote if better")
     r.add_argument("config")
@@ -87,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
               f"(MAML_HOME) cannot be created ({exc.strerror or exc}); set MAML_HOME to a "
               "writable folder", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from flows import tracking
     from flows.errors import USER_ERRORS, one_line
 
     try:
-        return COMMANDS[args.command](args)
+        # every MLflow run this command starts is tagged maml.command = this command line
+        with tracking.recording_command(command_line(argv)):
+            return COMMANDS[args.command](args)
     except USER_ERRORS as exc:
         if args.verbose:
             raise
@@ -99,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with `maml train --resume RUN_ID`", file=sys.stderr)
         return 130
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed, shell-quoted, with the program shown as ``maml``."""
+    return shlex.join(["maml", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _print_summary(result: dict) -> None:
@@ -224,6 +255,44 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_baseline(args) -> int:
+    from flows.baselines import baseline, check_baseline_inputs
+
+    config = check_baseline_inputs(args.config, args.method, args.overrides or None,
+                                   args.pretrain_iterations)
+    _check_held_out(config)
+    result = baseline(config_path=args.config, method=args.method,
+                      overrides=args.overrides or None,
+                      pretrain_iterations=args.pretrain_iterations)
+    _print_summary(result)
+    if args.method == "pretrained":
+        steps = (f", {int(result['env_steps']):,} env steps" if "env_steps" in result
+                 else "")
+        print(f"\nPretraining: {result['pretrain_iterations']} iterations, "
+              f"{result['train_seconds']:.1f} s{steps}")
+    elif args.method == "oracle":
+        print("\nThe oracle sees the goal and does not adapt: the same return at every step.")
+    print(f"\nMLflow run: {result['run_id']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from flows import tracking
+    from flows.errors import UsageError
+    from flows.report import write_report
+
+    for run_id in args.run_ids:
+        if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+            raise UsageError(f"--run {run_id!r} is not an MLflow run id (32 hex digits, as "
+                             "`maml train` and `maml baseline` print)")
+    tracking.load_tracking_config().setup()
+    report = write_report(args.out, args.families or None, args.run_ids or None,
+                          command=tracking.current_command())
+    print(report["compact"])
+    print(f"\nReport: {report['path']} ({len(report['images'])} plots)")
+    return 0
+
+
 def cmd_retrain(args) -> int:
     from flows import tracking
     from flows.config import load_run_config
@@ -277,7 +346,8 @@ def cmd_lineage(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "retrain": cmd_retrain,
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "baseline": cmd_baseline,
+            "report": cmd_report, "retrain": cmd_retrain,
             "schedule": cmd_schedule, "stage": cmd_stage, "ui": cmd_ui, "lineage": cmd_lineage}
 
 

@@ -133,11 +133,8 @@ def evaluate_model(model_ref: str, tasks_path: str | None = None, steps: int = 3
         for row in summary.itertuples():
             tracking.log_metrics(run_id, {f"eval_{value}": float(getattr(row, value))},
                                  int(row.step))
-        tracking.log_table(run_id, curve, "evaluation/per_task.csv")
-        tracking.log_table(run_id, summary, "evaluation/summary.csv")
-        tracking.log_figure(run_id, plots.adaptation_curve(
-            summary, learner.config.task.family, f"{model_ref} on {tasks_path or 'held-out'}"),
-            "plots/adaptation_curve.png")
+        tracking.log_evaluation(run_id, curve, summary, plots.adaptation_curve(
+            summary, learner.config.task.family, f"{model_ref} on {tasks_path or 'held-out'}"))
         tracking.end_run(run_id)
         result["run_id"] = run_id
     learner.close()

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from maml_core.episodes import Episodes
 
@@ -40,21 +41,33 @@ def learning_curve(history: pd.DataFrame, title: str):
     return fig
 
 
+# One colour per method, shared by our curve and the paper's (labels "ours: maml", "paper: maml").
+METHOD_COLORS = {"maml": "tab:blue", "pretrained": "tab:orange", "random": "tab:green",
+                 "oracle": "tab:red"}
+
+
+def _method_color(label: str) -> str | None:
+    return METHOD_COLORS.get(label.split(": ", 1)[-1])
+
+
 def adaptation_curve(summary: pd.DataFrame, family: str, title: str,
-                     others: dict[str, pd.DataFrame] | None = None):
-    """Mean return (95% CI) after 0..k steps, ours next to the paper's rows."""
+                     others: dict[str, pd.DataFrame] | None = None, label: str = "ours"):
+    """Mean return (95% CI) after 0..k steps, ours (``summary`` as ``label``, then ``others``
+    by label) next to the paper's rows for ``family``. Supervised summaries plot the MSE."""
     value = "mean_return" if "mean_return" in summary else "mean_mse"
     fig, ax = plt.subplots(figsize=(6, 4))
-    curves = {"ours": summary, **(others or {})}
-    for label, table in curves.items():
+    curves = {label: summary, **(others or {})}
+    for name, table in curves.items():
         ax.errorbar(table["step"], table[value], yerr=table["ci95"], marker="o", capsize=3,
-                    label=label)
+                    label=name, color=_method_color(name))
     if value == "mean_return":
         paper = paper_rows(family)
         for method, rows in paper.groupby("method"):
+            name = f"paper: {method}"
             ax.errorbar(rows["gradient_steps"], rows["mean_return"], yerr=rows["ci95"],
-                        marker="x", linestyle="--", alpha=0.6, capsize=2,
-                        label=f"paper: {method}")
+                        marker="x", linestyle="--", alpha=0.6, capsize=2, label=name,
+                        color=_method_color(name))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("adaptation steps")
     ax.set_ylabel("mean return" if value == "mean_return" else "MSE")
     ax.set_title(title)

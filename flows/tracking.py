@@ -19,6 +19,7 @@ does not import Prefect.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -95,6 +96,7 @@ TAG_RUN_ID = "maml.run_id"
 TAG_ITERATION = "maml.iteration"
 TAG_POLICY_CLASS = "maml.policy_class"
 TAG_TRUNCATED_PARAMS = "maml.truncated_params"
+TAG_COMMAND = "maml.command"
 
 _LOG = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -208,6 +210,25 @@ class TrackingConfig(_Strict):
 
 _ACTIVE: TrackingConfig | None = None
 _LOCK = threading.RLock()
+# The command line that is running (``maml train ...``), tagged on every run it starts.
+_COMMAND: str | None = None
+
+
+@contextlib.contextmanager
+def recording_command(command: str | None):
+    """While inside, every run that ``start_run`` creates gets the tag ``maml.command`` =
+    ``command`` (the CLI wraps each subcommand in this)."""
+    global _COMMAND
+    previous, _COMMAND = _COMMAND, command
+    try:
+        yield
+    finally:
+        _COMMAND = previous
+
+
+def current_command() -> str | None:
+    """The command line given to ``recording_command`` (None outside of one)."""
+    return _COMMAND
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -361,8 +382,9 @@ def start_run(cfg: TrackingConfig | None = None, run_name: str | None = None,
     """Create a run in ``cfg``'s experiment (or reopen ``resume_run_id``); returns its id.
 
     Tags: git commit (``mlflow.source.git.commit`` and ``maml.git_commit``) when known,
-    ``prefect.flow_run_id`` if given, ``maml.parent_model_version`` (``models:/name/version``,
-    aliases resolved to the version they point to now) when warm-started, plus ``tags``."""
+    ``maml.command`` (a new run, inside ``recording_command``), ``prefect.flow_run_id`` if
+    given, ``maml.parent_model_version`` (``models:/name/version``, aliases resolved to the
+    version they point to now) when warm-started, plus ``tags``."""
     cfg = cfg or active_config()
     experiment_id = cfg.experiment_id
     client = cfg.client()
@@ -376,6 +398,8 @@ def start_run(cfg: TrackingConfig | None = None, run_name: str | None = None,
     if parent_model_version is not None:
         parent = resolve_model_version(parent_model_version, cfg.registered_model_name)
         all_tags[TAG_PARENT_VERSION] = _version_uri(parent)
+    if _COMMAND and not resume_run_id:
+        all_tags[TAG_COMMAND] = _COMMAND
     all_tags.update(tags or {})
     if resume_run_id:
         run = get_run(resume_run_id)
@@ -401,6 +425,22 @@ def get_run(run_id: str):
             raise TrackingError(f"MLflow run {run_id!r} does not exist in "
                                 f"{active_config().tracking_uri}") from None
         raise
+
+
+def search_runs(filter_string: str = "", order_by: list[str] | None = None) -> list:
+    """All runs of the configured experiment that match ``filter_string`` (MLflow's search
+    syntax, e.g. ``"tags.`maml.kind` = 'baseline'"``), newest first unless ``order_by``."""
+    cfg = active_config()
+    client = cfg.client()
+    runs, token = [], None
+    while True:
+        page = client.search_runs([cfg.experiment_id], filter_string=filter_string,
+                                  order_by=order_by or ["attributes.start_time DESC"],
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def require_run(run_id: str, reopen: bool = True) -> str:
@@ -541,6 +581,15 @@ def log_metric_steps(run_id: str, by_step: Mapping[int, Mapping[str, Any]], *,
     return logged
 
 
+def eval_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """``eval_return_step_K`` (RL) or ``eval_mse_step_K`` (supervised) for each row of an
+    evaluation summary (``maml_core.trainer.summary_table``)."""
+    value = "mean_return" if "mean_return" in summary else "mean_mse"
+    name = "eval_return" if value == "mean_return" else "eval_mse"
+    return {f"{name}_step_{int(r.step)}": float(getattr(r, value))
+            for r in summary.itertuples()}
+
+
 def metric_history(run_id: str, keys: list[str] | tuple[str, ...]) -> pd.DataFrame:
     """Wide table of the metrics' histories: column ``iteration`` (the step) and one column per
     key that was logged (empty DataFrame if none was)."""
@@ -664,6 +713,30 @@ def log_figure(run_id: str, figure, artifact_file: str, dpi: int = 120) -> str:
                                                   bbox_inches="tight"))
     finally:
         plt.close(figure)
+
+
+def log_evaluation(run_id: str, curve: pd.DataFrame, summary: pd.DataFrame,
+                   adaptation_figure) -> None:
+    """An evaluation's artifacts: ``evaluation/per_task.csv`` (task, step, value),
+    ``evaluation/summary.csv`` (mean and 95% CI per step) and the figure as
+    ``plots/adaptation_curve.png``."""
+    log_table(run_id, curve, "evaluation/per_task.csv")
+    log_table(run_id, summary, "evaluation/summary.csv")
+    log_figure(run_id, adaptation_figure, "plots/adaptation_curve.png")
+
+
+def read_table(run_id: str, artifact_file: str) -> pd.DataFrame:
+    """A ``.csv`` or ``.parquet`` table artifact of a run (``TrackingError`` if missing)."""
+    suffix = Path(artifact_file).suffix
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise TrackingError(f"table artifact {artifact_file!r}: use a .parquet or .csv name")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = Path(_client().download_artifacts(run_id, artifact_file, tmp))
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(f"run {run_id} has no artifact {artifact_file!r} "
+                                f"({' '.join(str(exc).split())[:200]})") from None
+        return pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
 
 
 # ---------------------------------------------------------------------------------- models

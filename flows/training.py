@@ -65,13 +65,6 @@ class MetricBuffer:
         self.last = time.monotonic()
 
 
-def _eval_metrics(summary: pd.DataFrame) -> dict[str, float]:
-    value = "mean_return" if "mean_return" in summary else "mean_mse"
-    name = "eval_return" if value == "mean_return" else "eval_mse"
-    return {f"{name}_step_{int(r.step)}": float(getattr(r, value))
-            for r in summary.itertuples()}
-
-
 @flow(name="meta-train", persist_result=False, log_prints=False)
 def meta_train(config_path: str | None = None, overrides: list[str] | None = None,
                resume: str | None = None, config_data: dict | None = None,
@@ -161,7 +154,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             if config.evaluation.every and (done % config.evaluation.every == 0
                                             or done == total):
                 curve = stages["evaluate"](ctx, done, held_out)
-                metric_buffer.add(done, _eval_metrics(summary_table(curve)))
+                metric_buffer.add(done, tracking.eval_metrics(summary_table(curve)))
             if done % config.checkpoint_every == 0 or done == total:
                 metric_buffer.flush()
                 store.sync()
@@ -193,7 +186,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                 writer.close()
         finally:
             if failure is not None:
-                _record_failure(run_id, failure)
+                record_failure(run_id, failure)
     if curve is None:
         curve = stages["evaluate"](ctx, learner.iteration, held_out)
     summary = summary_table(curve)
@@ -211,7 +204,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             "iteration_seconds": wall}
 
 
-def _record_failure(run_id: str, exc: BaseException) -> None:
+def record_failure(run_id: str, exc: BaseException) -> None:
     """Mark the MLflow run FAILED with the error as a tag (best effort: not when MLflow itself
     is what failed). ``maml train --resume`` reopens it."""
     if isinstance(exc, ServiceUnavailableError):
@@ -251,16 +244,13 @@ def _log_outputs(run_id: str, learner: MetaLearner, config: RunConfig, curve: pd
                  summary: pd.DataFrame, held_out: pd.DataFrame) -> None:
     """Evaluation tables and plots of the finished run, as MLflow artifacts."""
     family = config.task.family
-    tracking.log_table(run_id, curve, "evaluation/per_task.csv")
-    tracking.log_table(run_id, summary, "evaluation/summary.csv")
     history = tracking.metric_history(run_id, ["pre_return", "post_return", "pre_mse",
                                                "post_mse"])
     if not history.empty:
         tracking.log_figure(run_id, plots.learning_curve(history, f"meta-training: {family}"),
                             "plots/learning_curve.png")
-    tracking.log_figure(run_id, plots.adaptation_curve(summary, family,
-                                                       f"adaptation on held-out: {family}"),
-                        "plots/adaptation_curve.png")
+    tracking.log_evaluation(run_id, curve, summary, plots.adaptation_curve(
+        summary, family, f"adaptation on held-out: {family}"))
     if family == "navigation2d":
         tasks = held_out.head(4)
         before = learner.collect(learner.meta_params, tasks, 0, "plot")

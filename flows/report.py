@@ -1,0 +1,369 @@
+"""``maml report``: our MLflow runs beside the paper's numbers, as Markdown with PNG plots.
+
+Which runs: per task family, MAML is the latest FINISHED run tagged ``maml.kind=meta-train``
+and each baseline (pretrained, random, oracle) the latest FINISHED run tagged
+``maml.kind=baseline`` with that ``maml.method``; supervised families (sinusoid) keep one run
+per method and K (the run's ``k_shot`` param). Runs given with ``--run`` take their place
+(whatever their status), the others are still picked as above. Our numbers come from each run's
+``evaluation/summary.csv`` artifact (mean and 95% CI over the held-out tasks per adaptation
+step), the paper's from ``data/maml_paper_rl_returns.csv``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flows import plots, tracking
+from flows.errors import UsageError
+
+KINDS = ("meta-train", "baseline")
+METHODS = ("maml", "pretrained", "random", "oracle")
+SUPERVISED_STEPS = (1, 10)  # the paper's sinusoid comparison: MSE after 1 and 10 steps
+CURVE_KEYS = ("pre_return", "post_return", "pre_mse", "post_mse")
+MISSING = "—"
+NO_COMMAND = ("not recorded (started outside the `maml` command line, or before it recorded "
+              "commands)")
+
+
+@dataclass
+class ReportRun:
+    """One MLflow run in the report and what it stands for."""
+
+    run: Any  # mlflow.entities.Run
+    family: str
+    method: str
+    k_shot: int | None  # supervised families only
+    summary: pd.DataFrame
+
+    @property
+    def id(self) -> str:
+        return self.run.info.run_id
+
+    @property
+    def label(self) -> str:
+        return self.method if self.k_shot is None else f"{self.method} K={self.k_shot}"
+
+    @property
+    def command(self) -> str | None:
+        return self.run.data.tags.get(tracking.TAG_COMMAND)
+
+
+def _supervised(family: str) -> bool:
+    from maml_core.tasks import get_task_family
+
+    try:
+        return get_task_family(family).kind == "supervised"
+    except Exception:  # a family registered outside this process: judged by its tables
+        return False
+
+
+def _method(run) -> str:
+    tags = run.data.tags
+    return "maml" if tags.get("maml.kind") == "meta-train" else tags.get("maml.method", "?")
+
+
+def _slot(run) -> tuple[str, str, int | None]:
+    family = run.data.tags.get("maml.task_family", "?")
+    k = run.data.params.get("k_shot")
+    k_shot = int(k) if _supervised(family) and k is not None and k.isdigit() else None
+    return family, _method(run), k_shot
+
+
+def _report_run(run) -> ReportRun:
+    family, method, k_shot = _slot(run)
+    summary = tracking.read_table(run.info.run_id, "evaluation/summary.csv")
+    return ReportRun(run, family, method, k_shot, summary)
+
+
+def select_runs(families: list[str] | None = None, run_ids: list[str] | None = None
+                ) -> tuple[dict[tuple, ReportRun], list[str]]:
+    """The runs of the report by (family, method, K), and notes on runs passed over."""
+    chosen: dict[tuple, ReportRun] = {}
+    notes: list[str] = []
+    for run_id in run_ids or []:
+        run = tracking.get_run(run_id)
+        kind = run.data.tags.get("maml.kind")
+        if kind not in KINDS:
+            raise UsageError(f"--run {run_id}: a {kind or 'untagged'} run (tag maml.kind); the "
+                             "report takes meta-train and baseline runs")
+        slot = _slot(run)
+        if families and slot[0] not in families:
+            raise UsageError(f"--run {run_id} is a {slot[0]} run, but --family asks for "
+                             f"{', '.join(families)} only; add --family {slot[0]}")
+        if slot in chosen:
+            raise UsageError(f"--run {chosen[slot].id} and --run {run_id} are both the "
+                             f"{slot[1]} run of {slot[0]}; give one of them")
+        chosen[slot] = _report_run(run)
+    candidates = [run for kind in KINDS for run in tracking.search_runs(
+        f"attributes.status = 'FINISHED' and tags.`maml.kind` = '{kind}'")]
+    candidates.sort(key=lambda r: r.info.start_time or 0, reverse=True)
+    for run in candidates:
+        slot = _slot(run)
+        if slot in chosen or (families and slot[0] not in families):
+            continue
+        try:
+            chosen[slot] = _report_run(run)
+        except tracking.TrackingError as exc:  # e.g. a run finished before its tables
+            notes.append(f"run {run.info.run_id} ({slot[1]}, {slot[0]}) passed over: {exc}")
+    cfg = tracking.active_config()
+    where = f"experiment {cfg.experiment_name!r} of {cfg.tracking_uri}"
+    if not chosen:
+        raise UsageError(f"no FINISHED meta-train or baseline runs"
+                         f"{' of ' + ', '.join(families) if families else ''} in {where}; "
+                         "make them first, e.g. `maml train configs/navigation2d.yaml` and "
+                         "`maml baseline configs/navigation2d.yaml --method pretrained`")
+    missing = [f for f in families or [] if not any(s[0] == f for s in chosen)]
+    if missing:
+        raise UsageError(f"no FINISHED meta-train or baseline runs of {', '.join(missing)} in "
+                         f"{where}; leave out --family {missing[0]} or make runs for it first")
+    return chosen, notes
+
+
+# ------------------------------------------------------------------------------- numbers
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return MISSING
+    return f"{float(value):.{digits}f}"
+
+
+def _row_at(table: pd.DataFrame, column: str, value: Any) -> pd.Series | None:
+    rows = table[table[column] == value]
+    return None if rows.empty else rows.iloc[0]
+
+
+def _seconds(run) -> float | None:
+    info = run.info
+    if info.end_time and info.start_time:
+        return (info.end_time - info.start_time) / 1000.0
+    return None
+
+
+def cost(report_run: ReportRun) -> dict[str, float | None]:
+    """Wall-clock time of the run, its training time (sum of ``seconds_iteration``; baselines:
+    ``train_seconds``) and the environment steps it took (sum of ``env_steps``)."""
+    run_id = report_run.id
+    history = tracking.metric_history(run_id, ["seconds_iteration", "env_steps"])
+    train = report_run.run.data.metrics.get("train_seconds")
+    if train is None and "seconds_iteration" in history:
+        train = float(history["seconds_iteration"].sum())
+    steps = float(history["env_steps"].sum()) if "env_steps" in history else None
+    return {"wall_seconds": _seconds(report_run.run), "train_seconds": train,
+            "env_steps": steps}
+
+
+def rl_table(family: str, runs: dict[str, ReportRun]) -> pd.DataFrame:
+    """Mean return and 95% CI per method and step: ours (NaN where no run) next to the
+    paper's (NaN where the paper has no row)."""
+    paper = plots.paper_rows(family)
+    methods = [m for m in METHODS if m in runs or m in set(paper["method"])]
+    methods += sorted(m for m in runs if m not in METHODS)
+    rows = []
+    for method in methods:
+        ours = runs[method].summary if method in runs else None
+        theirs = paper[paper["method"] == method]
+        steps = set(theirs["gradient_steps"].astype(int))
+        if ours is not None:
+            steps |= set(ours["step"].astype(int))
+        for step in sorted(steps):
+            o = _row_at(ours, "step", step) if ours is not None else None
+            p = _row_at(theirs, "gradient_steps", step)
+            rows.append({"method": method, "step": step,
+                         "mean_return": None if o is None else float(o["mean_return"]),
+                         "ci95": None if o is None else float(o["ci95"]),
+                         "n_tasks": None if o is None else int(o["n_tasks"]),
+                         "paper_mean_return": None if p is None else float(p["mean_return"]),
+                         "paper_ci95": None if p is None else float(p["ci95"]),
+                         "paper_n_tasks": None if p is None else int(p["n_tasks"])})
+    return pd.DataFrame(rows)
+
+
+def supervised_table(runs: list[ReportRun]) -> pd.DataFrame:
+    """MSE (95% CI) after 1 and 10 steps, one row per (K, method)."""
+    rows = []
+    order = {m: i for i, m in enumerate(METHODS)}
+    for r in sorted(runs, key=lambda r: (r.k_shot or 0, order.get(r.method, 99), r.method)):
+        row: dict[str, Any] = {"k_shot": r.k_shot, "method": r.method}
+        for step in SUPERVISED_STEPS:
+            s = _row_at(r.summary, "step", step)
+            row[f"mse_step_{step}"] = None if s is None else float(s["mean_mse"])
+            row[f"ci95_step_{step}"] = None if s is None else float(s["ci95"])
+        row["n_tasks"] = int(r.summary["n_tasks"].iloc[0])
+        row["run_id"] = r.id
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------- markdown
+def _code(text: str) -> str:
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _runs_list(runs: list[ReportRun]) -> list[str]:
+    lines = ["MLflow runs used, and the command that made each:", ""]
+    for r in runs:
+        info, tags = r.run.info, r.run.data.tags
+        started = (datetime.datetime.fromtimestamp(info.start_time / 1000, datetime.UTC)
+                   .strftime("%Y-%m-%d %H:%M UTC") if info.start_time else "?")
+        commit = (tags.get(tracking.TAG_GIT_COMMIT) or "unknown")[:10]
+        lines.append(f"- {r.label}: run `{r.id}` ({info.run_name}, {info.status}, started "
+                     f"{started}, git {commit}): "
+                     + (_code(r.command) if r.command else f"command {NO_COMMAND}"))
+    return [*lines, ""]
+
+
+def _cost_lines(runs: list[ReportRun]) -> list[str]:
+    rows = []
+    for r in runs:
+        c = cost(r)
+        rows.append([r.label, f"`{r.id}`", _fmt(c["wall_seconds"], 1),
+                     _fmt(c["train_seconds"], 1),
+                     MISSING if c["env_steps"] is None else f"{int(c['env_steps']):,}"])
+    return ["Cost: wall clock = run end − start (evaluation and logging included); training = "
+            "sum of the per-iteration `seconds_iteration` (baselines: `train_seconds` of "
+            "pretraining); env steps = sum of the `env_steps` metric.", "",
+            *_md_table(["method", "run", "wall clock (s)", "training (s)", "env steps"], rows),
+            ""]
+
+
+def _learning_curves(runs: list[ReportRun], family: str, out: Path) -> list[str]:
+    lines = []
+    for r in runs:
+        if r.method != "maml":
+            continue
+        history = tracking.metric_history(r.id, list(CURVE_KEYS))
+        if history.empty:
+            lines.append(f"Run `{r.id}` recorded no per-iteration returns; no learning curve.")
+            continue
+        name = f"{family}{'' if r.k_shot is None else f'-k{r.k_shot}'}-learning-curve.png"
+        plots.save(plots.learning_curve(history, f"meta-training: {family} "
+                                                 f"{'' if r.k_shot is None else r.label}"
+                                        .strip() + f" (run {r.id[:8]})"), out / name)
+        what = "MSE" if "pre_mse" in history else "return"
+        lines += [f"Learning curve ({r.label}, run `{r.id}`): {what} before and after "
+                  "adaptation per meta-iteration.", "", f"![learning curve]({name})", ""]
+    return lines
+
+
+def _adaptation_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]:
+    name = f"{family}-adaptation.png"
+    first, *rest = runs
+    fig = plots.adaptation_curve(first.summary, family, f"adaptation on held-out: {family}",
+                                 others={f"ours: {r.label}": r.summary for r in rest},
+                                 label=f"ours: {first.label}")
+    plots.save(fig, out / name)
+    return [f"![adaptation curves]({name})", ""]
+
+
+def _rl_section(family: str, runs: dict[str, ReportRun], out: Path
+                ) -> tuple[list[str], pd.DataFrame]:
+    table = rl_table(family, runs)
+    ordered = [runs[m] for m in table["method"].drop_duplicates() if m in runs]
+    rows = [[r.method, str(r.step), _fmt(r.mean_return, 2), _fmt(r.ci95, 2),
+             _fmt(r.n_tasks, 0), _fmt(r.paper_mean_return, 2), _fmt(r.paper_ci95, 2),
+             _fmt(r.paper_n_tasks, 0)] for r in table.itertuples()]
+    lines = [f"## {family}", "", *_runs_list(ordered),
+             "Mean return on the held-out tasks after k policy-gradient steps, ± the 95% "
+             "confidence interval over tasks (1.96 sd / √n); — where there is no run or no "
+             "paper row." + (" The oracle does not adapt: ours (the controller that steers "
+                             "straight to the goal it sees) has the same return at every "
+                             "step; the paper reports its oracle at step 0."
+                             if "oracle" in set(table["method"]) else ""), "",
+             *_md_table(["method", "steps", "ours", "ours ±95% CI", "ours tasks", "paper",
+                         "paper ±95% CI", "paper tasks"], rows), ""]
+    notes = plots.paper_rows(family)["note"].dropna().unique()
+    lines += [f"Paper note: {n}." for n in notes] + ([""] if len(notes) else [])
+    lines += _adaptation_plot(ordered, family, out)
+    lines += _learning_curves(ordered, family, out)
+    lines += _cost_lines(ordered)
+    compact = table.assign(cell=[
+        f"{_fmt(r.mean_return, 2)} ({_fmt(r.paper_mean_return, 2)})"
+        for r in table.itertuples()]).pivot(index="method", columns="step", values="cell")
+    compact = compact.reindex([m for m in table["method"].drop_duplicates()])
+    compact.columns = [f"step {s}" for s in compact.columns]
+    return lines, compact.fillna(MISSING)
+
+
+def _supervised_section(family: str, runs: list[ReportRun], out: Path
+                        ) -> tuple[list[str], pd.DataFrame]:
+    table = supervised_table(runs)
+    order = {r.id: r for r in runs}
+    ordered = [order[i] for i in table["run_id"]]
+    header = ["K", "method"]
+    for step in SUPERVISED_STEPS:
+        header += [f"MSE after {step} step{'s' if step > 1 else ''}", "±95% CI"]
+    header += ["tasks", "run"]
+    rows = []
+    for r in table.itertuples():
+        row = [str(r.k_shot), r.method]
+        for step in SUPERVISED_STEPS:
+            row += [_fmt(getattr(r, f"mse_step_{step}"), 3),
+                    _fmt(getattr(r, f"ci95_step_{step}"), 3)]
+        rows.append([*row, str(r.n_tasks), f"`{r.run_id}`"])
+    lines = [f"## {family} (regression)", "", *_runs_list(ordered),
+             "Mean squared error on the held-out tasks after fine-tuning on K examples for 1 and "
+             "10 gradient steps, ± the 95% confidence interval over tasks; — where the run "
+             "evaluated fewer steps. The paper's sinusoid numbers are a figure, not a table, so "
+             "there is no paper column.", "",
+             *_md_table(header, rows), ""]
+    lines += _adaptation_plot(ordered, family, out)
+    lines += _learning_curves(ordered, family, out)
+    lines += _cost_lines(ordered)
+    compact = pd.DataFrame({
+        "K": table["k_shot"], "method": table["method"],
+        **{f"{s} step{'s' if s > 1 else ''}": [_fmt(v, 3) for v in table[f"mse_step_{s}"]]
+           for s in SUPERVISED_STEPS}}).set_index(["K", "method"])
+    return lines, compact
+
+
+def write_report(out: str | Path = "docs/results", families: list[str] | None = None,
+                 run_ids: list[str] | None = None, command: str | None = None) -> dict:
+    """Write ``out/README.md`` and its PNG plots from the configured MLflow store; returns
+    the path, the plots, the runs by (family, method, K) and a compact text version."""
+    families = list(dict.fromkeys(families or [])) or None
+    chosen, notes = select_runs(families, run_ids)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = tracking.active_config()
+    by_family: dict[str, list[ReportRun]] = {}
+    for r in chosen.values():
+        by_family.setdefault(r.family, []).append(r)
+    names = families or sorted(by_family, key=lambda f: (_supervised(f), f))
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = ["# Results: our runs beside the paper's", "",
+             f"Made by {_code(command) if command else '`flows.report.write_report` (Python)'} "
+             f"on {now}, from MLflow experiment `{cfg.experiment_name}` at "
+             f"`{cfg.tracking_uri}`.", "",
+             "Ours: for each task family the latest FINISHED `maml train` run (MAML) and "
+             "`maml baseline` run per method (unless chosen with `--run`), read from each run's "
+             "`evaluation/summary.csv`. Paper: Finn, Abbeel & Levine (2017), "
+             "`data/maml_paper_rl_returns.csv` (40 test tasks, read from the result files of "
+             "the paper's code, cbfinn/maml_rl).", ""]
+    compact_parts = []
+    for family in names:
+        runs = by_family[family]
+        if any(r.summary is not None and "mean_mse" in r.summary for r in runs):
+            section, compact = _supervised_section(family, runs, out)
+        else:
+            section, compact = _rl_section(family, {r.method: r for r in runs}, out)
+        lines += section
+        compact_parts.append(f"{family}\n{compact.to_string()}")
+    if notes:
+        lines += ["## Runs passed over", "", *[f"- {n}" for n in notes], ""]
+    path = out / "README.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    images = dict.fromkeys(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", "\n".join(lines)))
+    return {"path": str(path), "images": [str(out / name) for name in images],
+            "runs": {k: v.id for k, v in chosen.items()},
+            "compact": "\n\n".join(compact_parts)}

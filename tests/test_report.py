@@ -1,0 +1,128 @@
+"""``maml report`` on a store holding a tiny meta-train run and an oracle baseline run, both
+made through the command line (so their ``maml.command`` tags are set), in an experiment of
+their own."""
+
+from __future__ import annotations
+
+import shlex
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NAV = str(ROOT / "configs" / "navigation2d.yaml")
+TINY = ["iterations=2", "meta_batch_size=4", "episodes_per_task=4", "evaluation.every=0",
+        "evaluation.steps=2", "evaluation.episodes_per_task=4", "task.test_tasks=null",
+        "evaluation.num_tasks=6", "pipeline.register_model=false",
+        "policy.hidden_sizes=[16, 16]", "checkpoint_every=2", "pipeline.retry_delay_seconds=0"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _sets() -> list[str]:
+    return [arg for s in TINY for arg in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def store(pipeline):
+    """An experiment of its own with one meta-train and one oracle baseline run."""
+    from flows import tracking
+    from flows.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", f"report-{uuid.uuid4().hex[:8]}")
+        train = ["train", NAV, *_sets()]
+        oracle = ["baseline", NAV, "--method", "oracle", *_sets()]
+        assert main(train) == 0
+        assert main(oracle) == 0
+        tracking.load_tracking_config().setup()
+        runs = {r.data.tags["maml.kind"]: r for r in tracking.search_runs()}
+        assert set(runs) == {"meta-train", "baseline"}
+        yield {"runs": runs, "argv": {"meta-train": train, "baseline": oracle}}
+    tracking.load_tracking_config().setup()
+
+
+def test_runs_record_their_command_line(store):
+    for kind, run in store["runs"].items():
+        assert run.data.tags["maml.command"] == shlex.join(["maml", *store["argv"][kind]])
+
+
+def test_report_has_our_numbers_the_papers_and_plots(store, tmp_path, capsys):
+    from flows import tracking
+    from flows.cli import main
+    from flows.plots import paper_rows
+
+    out = tmp_path / "results"
+    argv = ["report", "--out", str(out), "--family", "navigation2d"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    text = (out / "README.md").read_text()
+    assert f"`{shlex.join(['maml', *argv])}`" in text  # the report's own command
+
+    images = sorted(out.glob("*.png"))
+    assert {p.name for p in images} == {"navigation2d-adaptation.png",
+                                        "navigation2d-learning-curve.png"}
+    for image in images:
+        data = image.read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000, image
+        assert f"]({image.name})" in text
+
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
+            for line in text.splitlines() if line.startswith("| ")}
+    for kind, method in (("meta-train", "maml"), ("baseline", "oracle")):
+        run = store["runs"][kind]
+        assert f"`{run.info.run_id}`" in text
+        assert run.data.tags["maml.command"] in text
+        summary = tracking.read_table(run.info.run_id, "evaluation/summary.csv")
+        for r in summary.itertuples():
+            line = rows[(method, str(r.step))]
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert cells[2:5] == [f"{r.mean_return:.2f}", f"{r.ci95:.2f}", str(r.n_tasks)]
+    for r in paper_rows("navigation2d").itertuples():
+        cells = [c.strip() for c in rows[(r.method, str(r.gradient_steps))].strip("|")
+                 .split("|")]
+        assert cells[5:8] == [f"{r.mean_return:.2f}", f"{r.ci95:.2f}", str(r.n_tasks)]
+    # No pretrained or random run: ours is missing, the paper's is there.
+    assert rows[("random", "0")].split("|")[3].strip() == "—"
+
+    # The cost table: env steps summed over the meta-train run's iterations; none for the
+    # oracle.
+    history = tracking.metric_history(store["runs"]["meta-train"].info.run_id, ["env_steps"])
+    assert f"{int(history['env_steps'].sum()):,}" in text
+    # stdout: the compact table, ours (paper)
+    oracle0 = tracking.read_table(store["runs"]["baseline"].info.run_id,
+                                  "evaluation/summary.csv")["mean_return"][0]
+    assert f"{oracle0:.2f} (-2.29)" in printed
+    assert "README.md" in printed
+
+
+def test_report_takes_runs_by_id(store, tmp_path):
+    from flows import tracking
+    from flows.report import write_report
+
+    tracking.load_tracking_config().setup()
+    train_id = store["runs"]["meta-train"].info.run_id
+    report = write_report(tmp_path / "r", run_ids=[train_id])
+    assert report["runs"][("navigation2d", "maml", None)] == train_id
+    assert "(Python)" in Path(report["path"]).read_text()
+
+
+def test_report_bad_input(store, tmp_path, capsys, monkeypatch):
+    from flows.cli import main
+
+    cases = [
+        (["report", "--out", str(tmp_path), "--family", "ant-vel"],
+         "no FINISHED meta-train or baseline runs of ant-vel"),
+        (["report", "--out", str(tmp_path), "--run", "nope"], "not an MLflow run id"),
+        (["report", "--out", str(tmp_path), "--run", "0" * 32], "does not exist"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"empty-{uuid.uuid4().hex[:8]}")
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no FINISHED meta-train or baseline runs in experiment" in err
+    assert "maml baseline" in err  # how to make some
+    assert not (tmp_path / "README.md").exists()
