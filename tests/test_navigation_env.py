@@ -49,6 +49,24 @@ def test_dynamics_reward_and_termination_by_hand():
     assert terminated.tolist() == [False, False]
 
 
+def test_normalized_actions_scale_by_max_action_then_clip():
+    env = Navigation2D(normalized_actions=True).make_env(_tasks([[0.25, -0.05]]), 1,
+                                                         horizon=5, dtype=D)
+    assert env.single_action_space.high.tolist() == [1.0, 1.0]
+    env.reset()
+    # (0.5, -3.0) in policy units -> (0.05, -0.3) in the plane -> clipped to (0.05, -0.1)
+    obs, reward, *_ = env.step(torch.tensor([[0.5, -3.0]], dtype=D))
+    torch.testing.assert_close(obs, torch.tensor([[0.05, -0.1]], dtype=D))
+    torch.testing.assert_close(reward, torch.tensor([-math.hypot(0.05 - 0.25, -0.1 + 0.05)],
+                                                    dtype=D), rtol=0, atol=1e-15)
+    # the same displacement without normalization needs the action in plane units
+    raw = Navigation2D().make_env(_tasks([[0.25, -0.05]]), 1, horizon=5, dtype=D)
+    raw.reset()
+    raw_obs, raw_reward, *_ = raw.step(torch.tensor([[0.05, -0.3]], dtype=D))
+    torch.testing.assert_close(raw_obs, obs)
+    torch.testing.assert_close(raw_reward, reward)
+
+
 def test_no_termination_when_disabled_and_bad_actions():
     family = get_task_family("navigation2d", terminate_at_goal=False)
     env = family.make_env(_tasks([[0.05, 0.0]]), 1, dtype=D)

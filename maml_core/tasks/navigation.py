@@ -5,6 +5,11 @@ State: the point's position, starting at the origin. Action: a displacement clip
 paper's code, an episode ends early once the point is within ``goal_tolerance`` of the goal
 in both coordinates (``terminate_at_goal``). Goals are uniform in [-0.5, 0.5]^2.
 
+``normalized_actions``: the policy acts in [-1, 1]^2 and the displacement is ``max_action``
+times its action, clipped -- the action normalization of the paper's code (rllab's
+``normalize`` wrapper). A unit standard deviation then means 0.1 in the plane instead of ten
+times the largest step, which is what lets an adapted policy stop on the goal.
+
 Natively batched: all ``tasks x episodes`` points are stepped by a handful of tensor ops.
 """
 
@@ -25,16 +30,17 @@ class Navigation2DEnv(TaskVectorEnv):
     def __init__(self, tasks: pd.DataFrame, episodes_per_task: int, horizon: int = 100,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  max_action: float = 0.1, terminate_at_goal: bool = True,
-                 goal_tolerance: float = 0.01):
+                 goal_tolerance: float = 0.01, normalized_actions: bool = False):
         self.max_action = float(max_action)
         self.terminate_at_goal = bool(terminate_at_goal)
         self.goal_tolerance = float(goal_tolerance)
+        self.action_scale = self.max_action if normalized_actions else 1.0
+        bound = 1.0 if normalized_actions else self.max_action
         super().__init__(tasks, episodes_per_task, horizon, device, dtype)
         self.single_observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
-        self.single_action_space = spaces.Box(-self.max_action, self.max_action, (2,), np.float32)
+        self.single_action_space = spaces.Box(-bound, bound, (2,), np.float32)
         self.observation_space = spaces.Box(-np.inf, np.inf, (self.num_envs, 2), np.float32)
-        self.action_space = spaces.Box(-self.max_action, self.max_action, (self.num_envs, 2),
-                                       np.float32)
+        self.action_space = spaces.Box(-bound, bound, (self.num_envs, 2), np.float32)
         self.position = torch.zeros(self.num_envs, 2, device=self.device, dtype=dtype)
         self.done = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
 
@@ -54,6 +60,8 @@ class Navigation2DEnv(TaskVectorEnv):
             raise ValueError(f"actions must have shape ({self.num_envs}, 2), got "
                              f"{tuple(actions.shape)}")
         active = ~self.done
+        if self.action_scale != 1.0:
+            actions = actions * self.action_scale
         step = actions.clamp(-self.max_action, self.max_action) * active.unsqueeze(-1)
         self.position = self.position + step
         offset = self.position - self.goal
@@ -76,7 +84,8 @@ class Navigation2D(TaskFamily):
     action_dim = 2
 
     def __init__(self, low: float = -0.5, high: float = 0.5, max_action: float = 0.1,
-                 terminate_at_goal: bool = True, goal_tolerance: float = 0.01):
+                 terminate_at_goal: bool = True, goal_tolerance: float = 0.01,
+                 normalized_actions: bool = False):
         if not low < high:
             raise ValueError(f"navigation2d needs low < high, got low={low}, high={high}")
         if not (max_action > 0 and goal_tolerance >= 0):
@@ -86,6 +95,7 @@ class Navigation2D(TaskFamily):
         self.max_action = float(max_action)
         self.terminate_at_goal = bool(terminate_at_goal)
         self.goal_tolerance = float(goal_tolerance)
+        self.normalized_actions = bool(normalized_actions)
 
     def sample_tasks(self, n: int, rng: np.random.Generator) -> pd.DataFrame:
         goals = rng.uniform(self.low, self.high, size=(n, 2))
@@ -95,4 +105,5 @@ class Navigation2D(TaskFamily):
                  dtype=torch.float32) -> Navigation2DEnv:
         return Navigation2DEnv(self.validate_tasks(tasks), episodes_per_task,
                                horizon or self.default_horizon, device, dtype,
-                               self.max_action, self.terminate_at_goal, self.goal_tolerance)
+                               self.max_action, self.terminate_at_goal, self.goal_tolerance,
+                               self.normalized_actions)
