@@ -33,15 +33,14 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from prefect import flow, runtime, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, runtime
 from prefect.utilities.annotations import quote
 from tqdm.auto import tqdm
 
 from flows import plots, tracking
 from flows.config import RunConfig, load_run_config
 from flows.errors import UsageError
-from flows.stages import retry_condition, stage_options
+from flows.stages import stage_options, stage_task
 from flows.training import MetricBuffer, record_failure
 from flows.writer import BackgroundWriter
 from maml_core import baselines
@@ -129,13 +128,8 @@ def _evaluate(learner: MetaLearner, method: str, params: Params | None,
     return learner.evaluate(tasks, meta_params=params)
 
 
-def _task(name: str, fn):
-    return task(name=name, cache_policy=NO_CACHE, persist_result=False,
-                retry_condition_fn=retry_condition)(fn)
-
-
-pretrain = _task("pretrain", _pretrain)
-evaluate_baseline = _task("evaluate-baseline", _evaluate)
+pretrain = stage_task("pretrain")(_pretrain)
+evaluate_baseline = stage_task("evaluate-baseline")(_evaluate)
 
 
 @flow(name="baseline", persist_result=False, log_prints=False)

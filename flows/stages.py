@@ -99,7 +99,9 @@ def load_learner_state(learner: MetaLearner, tensors: dict[str, Tensor], record:
     learner.rejected_in_a_row = int(record.get("rejected_in_a_row", 0))
 
 
-def _task(name: str):
+def stage_task(name: str):
+    """The decorator of a pipeline task: no cache, no persisted result, and no retry of what a
+    retry cannot heal (``retry_condition``); retries and timeouts come from ``stage_options``."""
     return task(name=name, cache_policy=NO_CACHE, persist_result=False,
                 retry_condition_fn=retry_condition)
 
@@ -199,12 +201,12 @@ def run_checkpoint(ctx: PipelineContext, iteration: int, extra: dict | None = No
     return path
 
 
-sample_tasks = _task("sample_tasks")(run_sample_tasks)
-collect_rollouts = _task("collect_rollouts")(run_collect_rollouts)
-adapt = _task("adapt")(run_adapt)
-meta_update = _task("meta_update")(run_meta_update)
-evaluate = _task("evaluate")(run_evaluate)
-checkpoint = _task("checkpoint")(run_checkpoint)
+sample_tasks = stage_task("sample_tasks")(run_sample_tasks)
+collect_rollouts = stage_task("collect_rollouts")(run_collect_rollouts)
+adapt = stage_task("adapt")(run_adapt)
+meta_update = stage_task("meta_update")(run_meta_update)
+evaluate = stage_task("evaluate")(run_evaluate)
+checkpoint = stage_task("checkpoint")(run_checkpoint)
 
 STAGE_TASKS = {"sample_tasks": sample_tasks, "collect_rollouts": collect_rollouts,
                "adapt": adapt, "meta_update": meta_update, "evaluate": evaluate,

@@ -79,6 +79,9 @@ class StageStore:
     def _put(self, path: Path, data: bytes) -> None:
         """A stage output, written atomically; durable now or at the next ``sync``."""
         atomic_write_bytes(path, data, self.durable)
+        self._written(path)
+
+    def _written(self, path: Path) -> None:
         if not self.durable:
             self._unsynced.append(path)
 
@@ -178,8 +181,7 @@ class StageStore:
         def write() -> None:
             tensor_path = directory / f"{name}.safetensors"
             digest = save_tensors(tensor_path, tensors, durable=self.durable)
-            if not self.durable:
-                self._unsynced.append(tensor_path)
+            self._written(tensor_path)
             try:
                 self.write_json(directory / f"{name}.json", {**(record or {}), "sha256": digest},
                                 durable=self.durable)
