@@ -341,6 +341,8 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 90) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return  # already running
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
                str(self.port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{self.root / 'm.db'}",
@@ -394,6 +396,11 @@ def use_server(pipeline, mlflow_server, monkeypatch):
 
 
 def test_mlflow_outage_mid_run_loses_no_metric(use_server, monkeypatch):
+    """The MLflow server goes down just after the first checkpoint and comes back three
+    iterations later: training goes on meanwhile, the failed writes are retried, and every
+    metric step ends up in MLflow once. The outage is staged from inside the training loop (at
+    its per-iteration hook), so that it falls between the two checkpoints however fast or slow
+    the machine is."""
     from mlflow import MlflowClient
 
     from flows import training
@@ -407,56 +414,55 @@ def test_mlflow_outage_mid_run_loses_no_metric(use_server, monkeypatch):
             super().__init__(*args, **kwargs)
             writers.append(self)
 
+    class EveryIteration(training.MetricBuffer):  # a write to MLflow in every iteration
+        def __init__(self, run_id, writer):
+            super().__init__(run_id, writer, every_seconds=0.0)
+
     monkeypatch.setattr(training, "BackgroundWriter", Recorded)
+    monkeypatch.setattr(training, "MetricBuffer", EveryIteration)
 
     server = use_server
-    iterations = 40  # a long stretch between checkpoints, so that the outage falls inside it
+    iterations = 40
     overrides = [f"iterations={iterations}", "meta_batch_size=4", "episodes_per_task=5",
                  "evaluation.every=20", "evaluation.steps=1", "evaluation.episodes_per_task=5",
                  "checkpoint_every=20", "pipeline.register_model=false",
                  "pipeline.retry_delay_seconds=0", "pipeline.mlflow_outage_seconds=120"]
     before = _run_dirs()
-    outage: dict = {}
+    outage: dict = {"done_while_down": []}
 
-    def break_mlflow():
-        """Stop the server just after the first checkpoint (the run has metrics in MLflow,
-        and the next checkpoint, which waits for them, is 20 iterations away); start it again
-        once two more iterations are done."""
-        try:
-            client = MlflowClient(server.uri)
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                new = _run_dirs() - before
-                if new and (store_root() / next(iter(new)) / "checkpoints" /
-                            "iter-000020.json").is_file():
-                    assert client.get_metric_history(next(iter(new)), "pre_return")
-                    break
-                time.sleep(0.02)
-            outage["run_id"] = run_id = next(iter(_run_dirs() - before))
+    def stage_outage(name: str) -> None:
+        """At the end of iteration 19 (just after the checkpoint at 20, whose metrics are in
+        MLflow) stop the server; at the end of iteration 22 wait until a write has failed and
+        been retried, then start it again."""
+        if not name.startswith("iteration:"):
+            return
+        it = int(name.split(":")[1])
+        if it == 19:
+            (run_id,) = _run_dirs() - before
+            outage["run_id"] = run_id
+            assert (store_root() / run_id / "checkpoints" / "iter-000020.json").is_file()
+            assert MlflowClient(server.uri).get_metric_history(run_id, "pre_return")
             server.stop()
-            down_at = _latest_iteration(store_root() / run_id)
-            deadline = time.time() + 60
-            while time.time() < deadline:  # training goes on while MLflow is down
-                time.sleep(0.5)
-                outage["progressed"] = _latest_iteration(store_root() / run_id) - down_at
-                if outage["progressed"] >= 2:
-                    break
-        except BaseException as exc:
-            outage["error"] = exc
-        finally:
-            server.start()
+        elif 20 <= it <= 22:
+            outage["done_while_down"].append(_latest_iteration(store_root() / outage["run_id"]))
+            if it == 22:
+                (mlflow_writer,) = [w for w in writers if w.name == "maml-mlflow"]
+                deadline = time.time() + 60
+                while mlflow_writer.retries < 1 and time.time() < deadline:
+                    time.sleep(0.05)
+                outage["retries_while_down"] = mlflow_writer.retries
+                server.start()
 
-    # The flow runs in this (main) thread; the outage is staged from another one.
-    controller = threading.Thread(target=break_mlflow, daemon=True)
-    controller.start()
-    result = meta_train(config_path=CONFIG, overrides=overrides, run_name="outage")
-    controller.join(120)
-    assert "error" not in outage, outage["error"]
+    monkeypatch.setattr(training, "fault_point", stage_outage)
+    try:
+        result = meta_train(config_path=CONFIG, overrides=overrides, run_name="outage")
+    finally:
+        server.start()  # whatever happened, the module's server runs again
     run_id = outage["run_id"]
     assert result["run_id"] == run_id and result["iterations"] == iterations
-    assert outage["progressed"] >= 1, "training stopped while MLflow was down"
-    (mlflow_writer,) = [w for w in writers if w.name == "maml-mlflow"]
-    assert mlflow_writer.retries >= 1  # MLflow calls failed and were retried
+    # three iterations ran to the end (their stage outputs stored) while MLflow was down
+    assert outage["done_while_down"] == [20, 21, 22]
+    assert outage["retries_while_down"] >= 1  # MLflow calls failed and were retried
 
     client = MlflowClient(server.uri)
     for key in ("pre_return", "post_return", "meta_loss", "rejected", "seconds_iteration"):
