@@ -182,6 +182,28 @@ def test_same_seeds_same_trajectories_across_instances():
     assert ra[2].dtype == torch.bool and ra[3].dtype == torch.bool
 
 
+@pytest.mark.parametrize("name", ["halfcheetah-vel", "ant-dir"])
+def test_threaded_stepping_equals_one_thread(name):
+    """Sub-envs stepped on two threads (the default on a 2-core machine) give the same
+    observations, rewards and terminations, bit for bit, as one thread."""
+    family = get_task_family(name)
+    tasks = family.sample_tasks(2, np.random.default_rng(3))
+    results = {}
+    for threads in (1, 2):
+        env = GymTaskVectorEnv(tasks, 20, 40, family._env_fn(), threads=threads)
+        assert env.threads == threads
+        out = [env.reset(seed=7)[0]]
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(40):
+            act = torch.randn(env.num_envs, env.act_dim, generator=gen) * 2
+            out.extend(env.step(act)[:3])
+        results[threads] = out
+    for a, b in zip(results[1], results[2], strict=True):
+        assert torch.equal(a, b)
+    if name == "ant-dir":  # the frozen-after-termination path is exercised too
+        assert results[1][-1].any()
+
+
 def test_inner_envs_have_no_time_limit():
     _, env = _make("halfcheetah-vel", [1.0])
     assert type(env.envs[0]) is HalfCheetahTaskEnv

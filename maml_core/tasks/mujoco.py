@@ -34,8 +34,11 @@ its torso's rather than its centre of mass's.
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, ClassVar, Literal
 
@@ -59,6 +62,28 @@ _OBJECTIVES: tuple[str, ...] = ("velocity", "direction")
 # Generic batched env over per-task gymnasium envs
 # --------------------------------------------------------------------------------------------
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _step_pool(threads: int) -> ThreadPoolExecutor:
+    """One process-wide pool per size, shared by every env (an env pool can be rebuilt often)."""
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="maml-env")
+        return _POOLS[threads]
+
+
+def default_step_threads() -> int:
+    """The CPUs this process may run on (``MAML_ENV_THREADS`` overrides)."""
+    value = os.environ.get("MAML_ENV_THREADS")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"MAML_ENV_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
 def _set_task_method(env: gymnasium.Env, task: Mapping[str, Any]) -> None:
     target = env.unwrapped
     set_task = getattr(target, "set_task", None)
@@ -80,12 +105,22 @@ class GymTaskVectorEnv(TaskVectorEnv):
     ``horizon`` steps. Auto-reset is disabled: a sub-env that terminated (or truncated) is not
     stepped again, pays reward 0 and repeats its last observation until the next ``reset``.
     Actions are clipped to the action-space bounds before stepping.
+
+    ``threads`` (default: the CPUs available, ``default_step_threads``) steps the sub-envs on
+    that many threads: MuJoCo releases the GIL inside ``mj_step``, which is most of a step, so
+    two threads nearly halve the time of a HalfCheetah step. Each sub-env is stepped by exactly
+    one thread and writes only its own rows, so the results are identical to ``threads=1``.
     """
 
     def __init__(self, tasks: pd.DataFrame, episodes_per_task: int, horizon: int,
                  env_fn: Callable[[], gymnasium.Env],
                  apply_task: Callable[[gymnasium.Env, Mapping[str, Any]], None] | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 threads: int | None = None):
+        threads = default_step_threads() if threads is None else int(threads)
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
         self._env_fn = env_fn
         self._apply_task = apply_task or _set_task_method
         self.envs: list[gymnasium.Env] = []
@@ -152,12 +187,23 @@ class GymTaskVectorEnv(TaskVectorEnv):
         acts = np.clip(acts, self._act_low, self._act_high)
 
         reward = np.zeros(self.num_envs, dtype=np.float64)
-        for i in np.flatnonzero(~(self._terminated | self._truncated)):
-            obs, r, term, trunc, _ = self.envs[i].step(acts[i])
-            self._obs[i] = obs
-            reward[i] = r
-            self._terminated[i] = bool(term)
-            self._truncated[i] = bool(trunc) and not term
+        active = np.flatnonzero(~(self._terminated | self._truncated))
+
+        def step_some(indices: np.ndarray) -> None:
+            for i in indices:
+                obs, r, term, trunc, _ = self.envs[i].step(acts[i])
+                self._obs[i] = obs
+                reward[i] = r
+                self._terminated[i] = bool(term)
+                self._truncated[i] = bool(trunc) and not term
+
+        chunks = min(self.threads, len(active) // 16)  # small batches: not worth a hand-off
+        if chunks > 1:
+            for future in [_step_pool(chunks).submit(step_some, part)
+                           for part in np.array_split(active, chunks)]:
+                future.result()
+        else:
+            step_some(active)
         return (self._to_torch(self._obs), self._to_torch(reward),
                 torch.from_numpy(self._terminated.copy()).to(self.device),
                 torch.from_numpy(self._truncated.copy()).to(self.device), {})
