@@ -14,6 +14,9 @@ fail with a ``RolloutError`` that names the tasks, the time step and the caller'
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pandas as pd
 import torch
 from torch import Tensor
@@ -96,6 +99,20 @@ class EnvPool:
         self._envs.clear()
 
 
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(count)`` (None: unchanged), then restore."""
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def collect_episodes(env: TaskVectorEnv, policy, params: Params, seeds: list[int],
                      horizon: int | None = None, *, context: str = "") -> Episodes:
     """Run ``policy`` with ``params`` (shared, or batched with one set per task) in ``env``.
@@ -128,7 +145,7 @@ def collect_episodes(env: TaskVectorEnv, policy, params: Params, seeds: list[int
                              f"reset: {exc}") from exc
     obs_buf, act_buf, rew_buf, mask_buf = [], [], [], []
     alive = torch.ones(n * e, dtype=env.dtype, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(env.policy_threads()):
         for t in range(horizon):
             o = obs.view(n, e, -1)
             dist = policy.distribution(params, o if batched else o.reshape(n * e, -1))

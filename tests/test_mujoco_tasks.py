@@ -204,6 +204,28 @@ def test_threaded_stepping_equals_one_thread(name):
         assert results[1][-1].any()
 
 
+def test_threaded_rollouts_equal_and_restore_torch_threads():
+    """``collect_episodes`` runs the policy on one torch thread while a threaded env steps
+    (``policy_threads``), gives the same episodes as a one-thread env, and restores torch's
+    thread count afterwards."""
+    from maml_core.policies import GaussianMLPPolicy
+    from maml_core.rollouts import collect_episodes
+
+    family = get_task_family("halfcheetah-dir")
+    tasks = family.sample_tasks(2, np.random.default_rng(0))
+    policy = GaussianMLPPolicy(17, 6, (32, 32))
+    params = {k: v.detach() for k, v in policy.named_parameters()}
+    before = torch.get_num_threads()
+    episodes = {}
+    for threads in (1, 2):
+        env = GymTaskVectorEnv(tasks, 20, 15, family._env_fn(), threads=threads)
+        assert env.policy_threads() == (None if threads == 1 else 1)
+        episodes[threads] = collect_episodes(env, policy, params, [11, 12])
+        assert torch.get_num_threads() == before
+    for field in ("observations", "actions", "rewards", "masks"):
+        assert torch.equal(getattr(episodes[1], field), getattr(episodes[2], field)), field
+
+
 def test_inner_envs_have_no_time_limit():
     _, env = _make("halfcheetah-vel", [1.0])
     assert type(env.envs[0]) is HalfCheetahTaskEnv

@@ -65,6 +65,13 @@ class TaskVectorEnv(gymnasium.vector.VectorEnv):
                            dtype=self.dtype, device=self.device)
         return col.repeat_interleave(self.episodes_per_task)
 
+    def policy_threads(self) -> int | None:
+        """How many torch threads the policy should use while this env is being stepped (None:
+        leave torch's setting alone). An env that steps on several threads of its own returns
+        1, so that torch's idle OpenMP threads, which spin for a while after each forward
+        pass, do not take the cores that the env's threads need."""
+        return None
+
     @abstractmethod
     def _apply_tasks(self, tasks: pd.DataFrame) -> None: ...
 

@@ -154,6 +154,9 @@ class GymTaskVectorEnv(TaskVectorEnv):
         self._truncated = np.zeros(self.num_envs, dtype=bool)
         self._needs_reset = True
 
+    def policy_threads(self) -> int | None:
+        return 1 if self.threads > 1 else None
+
     def _apply_tasks(self, tasks: pd.DataFrame) -> None:
         while len(self.envs) < self.num_envs:  # first call only: build the (slow) models
             self.envs.append(self._env_fn())
