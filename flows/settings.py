@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import warnings
 from pathlib import Path
 
@@ -83,36 +82,11 @@ def _deprioritize_threads(proc: Path, niceness: int) -> None:
     leaves idle (the event-recording cost per task run dropped from about 27 ms to about
     2 ms in a stage of tensor work on 2 cores)."""
     for task_dir in (proc / "task").iterdir():
-        _deprioritize_thread(int(task_dir.name), niceness)
-
-
-def _deprioritize_thread(tid: int, niceness: int) -> bool:
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, max(niceness, os.getpriority(os.PRIO_PROCESS, tid)))
-        if hasattr(os, "SCHED_IDLE"):
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:  # the thread ended, or the policy is not allowed here
-        return False
-    return True
-
-
-# Prefect's client-side helper threads in this process: the event loop that sends task-run
-# events to the API over a websocket, and the queue services that feed it.
-PREFECT_CLIENT_THREADS = ("GlobalEventLoopThread", "EventsWorkerThread", "APILogWorkerThread")
-
-
-def deprioritize_prefect_client_threads(niceness: int = 15) -> list[str]:
-    """Lower Prefect's helper threads in this process to SCHED_IDLE (Linux), like the local
-    server: they only ship task-run events and logs, which may wait, and on a small machine
-    they otherwise preempt the torch threads of the stage that is running. Work that waits on
-    them (the final drain of the event queue) blocks the main thread, so the cores are idle
-    and they run at once. Call once the flow's first task runs have started them; returns the
-    names of the threads changed."""
-    if not Path("/proc").is_dir():
-        return []
-    changed = []
-    for thread in threading.enumerate():
-        if thread.name in PREFECT_CLIENT_THREADS and thread.native_id is not None:
-            if _deprioritize_thread(thread.native_id, niceness):
-                changed.append(thread.name)
-    return changed
+        tid = int(task_dir.name)
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid,
+                           max(niceness, os.getpriority(os.PRIO_PROCESS, tid)))
+            if hasattr(os, "SCHED_IDLE"):
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:  # the thread ended, or the policy is not allowed here
+            continue

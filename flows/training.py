@@ -13,11 +13,7 @@ from tqdm.auto import tqdm
 
 from flows import plots, scale_out, tracking
 from flows.config import RunConfig, load_run_config
-from flows.settings import (
-    deprioritize_local_server,
-    deprioritize_prefect_client_threads,
-    maml_home,
-)
+from flows.settings import deprioritize_local_server, maml_home
 from flows.stages import PipelineContext, configured, learner_state
 from flows.store import StageStore
 from flows.writer import BackgroundWriter, ServiceUnavailableError
@@ -171,8 +167,6 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             fault_point(f"iteration:{it}:end")
             bar.set_postfix(_postfix(stats), refresh=False)
             bar.update(1)
-            if not wall:  # the first task runs have started Prefect's client threads
-                deprioritize_prefect_client_threads()
             wall.append(time.perf_counter() - started)
     except Exception as exc:
         failure = exc

@@ -96,21 +96,6 @@ def test_train_records_lineage_and_model(trained, pipeline):
     assert torch.allclose(torch.as_tensor(model.predict(obs.numpy())), expected)
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
-def test_training_lowers_prefect_client_threads(trained):
-    """After a training flow, Prefect's event-shipping threads in this process run at
-    SCHED_IDLE (flows.settings.deprioritize_prefect_client_threads), the main thread does not."""
-    import threading
-
-    from flows.settings import PREFECT_CLIENT_THREADS
-
-    helpers = [t for t in threading.enumerate() if t.name in PREFECT_CLIENT_THREADS]
-    assert helpers, [t.name for t in threading.enumerate()]
-    for thread in helpers:
-        assert os.sched_getscheduler(thread.native_id) == os.SCHED_IDLE, thread.name
-    assert os.sched_getscheduler(threading.main_thread().native_id) != os.SCHED_IDLE
-
-
 @pytest.mark.parametrize("stage,extra", [
     ("sample_tasks", []), ("collect_rollouts", ["--phase", "pre"]), ("adapt", []),
     ("collect_rollouts", ["--phase", "post"]), ("meta_update", []), ("evaluate", []),
