@@ -266,21 +266,26 @@ def worker_api_url(dask_address: str | None) -> str:
 
 
 @contextmanager
-def _local_worker_environment(quiet: bool):
+def _local_worker_environment(quiet: bool, workers: int):
     """Environment of LocalCluster workers, without changing this process's for good.
 
     Dask's nannies put ``distributed.nanny.pre-spawn-environ`` into the *parent's* environment
     before they spawn a worker. Its ``MALLOC_TRIM_THRESHOLD_`` is left out (it would switch off
     ``maml_core.allocator``'s malloc settings in the workers, and here); OpenMP threads sleep
     instead of spinning while a worker steps MuJoCo (``OMP_WAIT_POLICY=PASSIVE``: two workers
-    with two spinning torch threads each made collection 10x slower on 2 cores); Dask's own
-    logs stay at WARNING unless Prefect logs at INFO or below.
+    with two spinning torch threads each made collection 10x slower on 2 cores); each worker
+    steps MuJoCo on its share of this machine's CPUs (``MAML_ENV_THREADS``) rather than on all
+    of them; Dask's own logs stay at WARNING unless Prefect logs at INFO or below.
     """
     import dask
 
+    from maml_core.tasks.mujoco import default_step_threads
+
     env = "distributed.nanny.pre-spawn-environ."
     updates: dict[str, Any] = {env + "MALLOC_TRIM_THRESHOLD_": None,
-                               env + "OMP_WAIT_POLICY": "PASSIVE"}
+                               env + "OMP_WAIT_POLICY": "PASSIVE",
+                               env + "MAML_ENV_THREADS": str(max(1, default_step_threads()
+                                                                  // max(1, workers)))}
     if quiet:
         updates[env + "DASK_LOGGING__DISTRIBUTED"] = "warning"
     saved = dict(os.environ)
@@ -325,7 +330,7 @@ class DaskCollector:
                 "silence_logs": logging.WARNING if quiet else False})
         self.runner = runner.__enter__()
         try:
-            with _local_worker_environment(quiet):
+            with _local_worker_environment(quiet, p.dask_workers):
                 self.client = runner.client  # starts the LocalCluster, or connects
             self.client.wait_for_workers(1, timeout=120)
         except (OSError, TimeoutError) as exc:

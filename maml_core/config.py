@@ -113,6 +113,7 @@ class MAMLConfig(_Strict):
         except (TypeError, ValueError, ArithmeticError) as exc:
             raise ValueError(f"task.options: {exc}{_accepted_options(self.task.family)}"
                              ) from None
+        family.check_environment()  # e.g. MAML_ENV_THREADS: a clear error before any work
         if family.kind == "supervised" and self.meta_optimizer.name == "trpo":
             raise ValueError("meta_optimizer.name: trpo needs a policy; supervised families "
                              f"({self.task.family}) take adam or sgd")

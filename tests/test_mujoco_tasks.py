@@ -205,9 +205,9 @@ def test_threaded_stepping_equals_one_thread(name):
 
 
 def test_threaded_rollouts_equal_and_restore_torch_threads():
-    """``collect_episodes`` runs the policy on one torch thread while a threaded env steps
-    (``policy_threads``), gives the same episodes as a one-thread env, and restores torch's
-    thread count afterwards."""
+    """``collect_episodes`` runs the policy on one torch thread while a MuJoCo env steps
+    (``policy_threads``), gives the same episodes with one and two env threads, and restores
+    torch's thread count afterwards."""
     from maml_core.policies import GaussianMLPPolicy
     from maml_core.rollouts import collect_episodes
 
@@ -215,15 +215,76 @@ def test_threaded_rollouts_equal_and_restore_torch_threads():
     tasks = family.sample_tasks(2, np.random.default_rng(0))
     policy = GaussianMLPPolicy(17, 6, (32, 32))
     params = {k: v.detach() for k, v in policy.named_parameters()}
+    seen: list[int] = []
+    forward = policy.distribution
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return forward(*args, **kwargs)
+
+    policy.distribution = recording
     before = torch.get_num_threads()
-    episodes = {}
-    for threads in (1, 2):
-        env = GymTaskVectorEnv(tasks, 20, 15, family._env_fn(), threads=threads)
-        assert env.policy_threads() == (None if threads == 1 else 1)
-        episodes[threads] = collect_episodes(env, policy, params, [11, 12])
-        assert torch.get_num_threads() == before
+    torch.set_num_threads(2)  # other test modules set 1 at import
+    try:
+        episodes = {}
+        for threads in (1, 2):
+            env = GymTaskVectorEnv(tasks, 20, 15, family._env_fn(), threads=threads)
+            assert env.policy_threads() == 1
+            seen.clear()
+            episodes[threads] = collect_episodes(env, policy, params, [11, 12])
+            assert seen == [1] * 15
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     for field in ("observations", "actions", "rewards", "masks"):
         assert torch.equal(getattr(episodes[1], field), getattr(episodes[2], field)), field
+
+
+def test_threaded_step_error_waits_for_every_thread():
+    """A sub-env that raises on one thread: ``step`` re-raises it only after the other thread
+    has finished its sub-envs, so nothing steps the envs after ``step`` returns."""
+    import time
+
+    family = get_task_family("halfcheetah-vel")
+    tasks = family.sample_tasks(2, np.random.default_rng(0))
+    env = GymTaskVectorEnv(tasks, 20, 10, family._env_fn(), threads=2)
+    env.reset(seed=0)
+    finished = []
+    first, last = env.envs[0], env.envs[-1]
+    slow_step = last.step
+
+    def broken(action):
+        raise RuntimeError("sub-env 0 broke")
+
+    def slow(action):
+        time.sleep(0.3)
+        out = slow_step(action)
+        finished.append(True)
+        return out
+
+    first.step, last.step = broken, slow
+    with pytest.raises(RuntimeError, match="sub-env 0 broke"):
+        env.step(torch.zeros(env.num_envs, 6))
+    assert finished == [True]  # the other thread was done before the error came out
+    del first.step, last.step
+    env.reset(seed=0)
+    assert env.step(torch.zeros(env.num_envs, 6))[1].shape == (env.num_envs,)
+
+
+def test_bad_env_threads_setting_is_a_config_error(monkeypatch):
+    """MAML_ENV_THREADS is checked when a MuJoCo config is validated, before any work."""
+    from maml_core.config import build_config
+
+    data = {"task": {"family": "halfcheetah-vel"}}
+    monkeypatch.setenv("MAML_ENV_THREADS", "two")
+    with pytest.raises(Exception, match=r"MAML_ENV_THREADS must be a positive integer .*"
+                                        r"got 'two'; unset it to use every CPU"):
+        build_config(data)
+    monkeypatch.setenv("MAML_ENV_THREADS", "3")
+    build_config(data)  # a valid setting passes
+    family = get_task_family("halfcheetah-vel")
+    env = family.make_env(family.sample_tasks(1, np.random.default_rng(0)), 1, 5)
+    assert env.threads == 3
 
 
 def test_inner_envs_have_no_time_limit():

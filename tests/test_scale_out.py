@@ -39,7 +39,8 @@ def cluster():
 
     from flows.scale_out import _local_worker_environment
 
-    with _local_worker_environment(quiet=True):  # leaves this process's environment as it was
+    # leaves this process's environment as it was
+    with _local_worker_environment(quiet=True, workers=2):
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                host="127.0.0.1", dashboard_address="127.0.0.1:0")
     with cluster:

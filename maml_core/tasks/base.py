@@ -124,6 +124,11 @@ class TaskFamily(ABC):
     def sample_tasks(self, n: int, rng: np.random.Generator) -> pd.DataFrame:
         """``n`` tasks drawn from the family, as a table: ``task_id`` plus ``task_params``."""
 
+    def check_environment(self) -> None:
+        """Raise ``ValueError`` naming the problem if the process environment (variables,
+        libraries) cannot run this family; called when a config is validated."""
+        return None  # nothing to check by default
+
     def make_env(self, tasks: pd.DataFrame, episodes_per_task: int, horizon: int | None = None,
                  device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> TaskVectorEnv:

@@ -38,7 +38,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from typing import Any, ClassVar, Literal
 
@@ -74,12 +74,24 @@ def _step_pool(threads: int) -> ThreadPoolExecutor:
         return _POOLS[threads]
 
 
+def _forget_pools_after_fork() -> None:
+    """A forked child has none of the parent's pool threads: let it start its own."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
 def default_step_threads() -> int:
     """The CPUs this process may run on (``MAML_ENV_THREADS`` overrides)."""
     value = os.environ.get("MAML_ENV_THREADS")
     if value:
         if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"MAML_ENV_THREADS must be a positive integer, got {value!r}")
+            raise ValueError(f"MAML_ENV_THREADS must be a positive integer (the threads that "
+                             f"step MuJoCo envs), got {value!r}; unset it to use every CPU")
         return int(value)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
@@ -110,6 +122,8 @@ class GymTaskVectorEnv(TaskVectorEnv):
     that many threads: MuJoCo releases the GIL inside ``mj_step``, which is most of a step, so
     two threads nearly halve the time of a HalfCheetah step. Each sub-env is stepped by exactly
     one thread and writes only its own rows, so the results are identical to ``threads=1``.
+    ``step`` returns (or raises the first sub-env's error) only once every thread is done.
+    The policy that drives it runs on one torch thread (``policy_threads``).
     """
 
     def __init__(self, tasks: pd.DataFrame, episodes_per_task: int, horizon: int,
@@ -155,7 +169,9 @@ class GymTaskVectorEnv(TaskVectorEnv):
         self._needs_reset = True
 
     def policy_threads(self) -> int | None:
-        return 1 if self.threads > 1 else None
+        # Always one, whatever ``threads`` is, so that the policy's numbers do not depend on
+        # how the env is stepped (nor on the CPUs of a Dask worker: flows.scale_out).
+        return 1
 
     def _apply_tasks(self, tasks: pd.DataFrame) -> None:
         while len(self.envs) < self.num_envs:  # first call only: build the (slow) models
@@ -202,9 +218,14 @@ class GymTaskVectorEnv(TaskVectorEnv):
 
         chunks = min(self.threads, len(active) // 16)  # small batches: not worth a hand-off
         if chunks > 1:
-            for future in [_step_pool(chunks).submit(step_some, part)
-                           for part in np.array_split(active, chunks)]:
-                future.result()
+            pool = _step_pool(self.threads)
+            futures = [pool.submit(step_some, part) for part in np.array_split(active, chunks)]
+            try:
+                wait(futures)
+            finally:  # even if the wait was interrupted (a stage timeout), no thread may still
+                wait(futures)  # be stepping these envs when step() returns or raises
+            for future in futures:
+                future.result()  # the first failure, if any
         else:
             step_some(active)
         return (self._to_torch(self._obs), self._to_torch(reward),
@@ -311,6 +332,9 @@ class AntTaskEnv(_TaskReward, AntEnv):
 class _MujocoTaskFamily(TaskFamily):
     default_horizon = 200
     objective: ClassVar[Objective]
+
+    def check_environment(self) -> None:
+        default_step_threads()
 
     def _env_fn(self) -> Callable[[], gymnasium.Env]:
         raise NotImplementedError
