@@ -96,6 +96,7 @@ def default_step_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
 
+
 def _set_task_method(env: gymnasium.Env, task: Mapping[str, Any]) -> None:
     target = env.unwrapped
     set_task = getattr(target, "set_task", None)
