@@ -25,9 +25,11 @@ thread counts), and MuJoCo turns a one-ulp difference in an action into another 
 within a few steps. So a worker evaluates the policy and the advantages on the *full* batch
 shape -- its shard's rows in their places, zeros elsewhere (:func:`collect_shard_padded`) --
 with the flow process's number of torch threads: every kernel sees the shapes and thread count
-that the local runner's kernels see. Only the environments are sharded, which is where MuJoCo
-families spend their time; the policy's forward pass is repeated on every worker (cheap next
-to MuJoCo, not next to navigation2d's tensor environment). ``pipeline.dask_torch_threads``
+that the local runner's kernels see (the policy's forward pass during a MuJoCo rollout runs on
+one thread on both sides, ``TaskVectorEnv.policy_threads``). Only the environments are
+sharded, which is where MuJoCo families spend their time; the policy's forward pass is
+repeated on every worker (cheap next to MuJoCo, not next to navigation2d's tensor
+environment). ``pipeline.dask_torch_threads``
 trades that guarantee for fewer threads per worker.
 """
 

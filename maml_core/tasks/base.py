@@ -67,9 +67,9 @@ class TaskVectorEnv(gymnasium.vector.VectorEnv):
 
     def policy_threads(self) -> int | None:
         """How many torch threads the policy should use while this env is being stepped (None:
-        leave torch's setting alone). An env that steps on several threads of its own returns
-        1, so that torch's idle OpenMP threads, which spin for a while after each forward
-        pass, do not take the cores that the env's threads need."""
+        leave torch's setting alone). ``GymTaskVectorEnv`` (MuJoCo) returns 1: it steps on
+        threads of its own, and torch's idle OpenMP threads, which spin for a while after each
+        forward pass, would take the cores those threads need."""
         return None
 
     @abstractmethod
