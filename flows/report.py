@@ -53,6 +53,10 @@ class ReportRun:
     def command(self) -> str | None:
         return self.run.data.tags.get(tracking.TAG_COMMAND)
 
+    @property
+    def resumes(self) -> list[tuple[int, int, str | None]]:
+        return tracking.resumes(self.run.data.tags)
+
 
 def _supervised(family: str) -> bool:
     from maml_core.tasks import get_task_family
@@ -137,11 +141,26 @@ def _row_at(table: pd.DataFrame, column: str, value: Any) -> pd.Series | None:
     return None if rows.empty else rows.iloc[0]
 
 
-def _seconds(run) -> float | None:
-    info = run.info
-    if info.end_time and info.start_time:
+def _seconds(report_run: ReportRun) -> float | None:
+    """Run end − start; for a resumed run, the sum over its segments (the first from the run's
+    start, each later one from its resume), each ending at the last metric it recorded or, for
+    the last one, at the run's end: the time between a stop and its resume is not counted."""
+    info = report_run.run.info
+    if not (info.end_time and info.start_time):
+        return None
+    starts = [info.start_time] + [1000 * ts for ts, _, _ in report_run.resumes]
+    if len(starts) == 1:
         return (info.end_time - info.start_time) / 1000.0
-    return None
+    recorded = tracking.metric_timestamps(report_run.id, "seconds_iteration")
+    total = 0.0
+    for i, start in enumerate(starts):
+        if i == len(starts) - 1:
+            end = info.end_time
+        else:
+            following = starts[i + 1]
+            end = max((t for t in recorded if start <= t < following), default=start)
+        total += max(end - start, 0)
+    return total / 1000.0
 
 
 def cost(report_run: ReportRun) -> dict[str, float | None]:
@@ -153,7 +172,7 @@ def cost(report_run: ReportRun) -> dict[str, float | None]:
     if train is None and "seconds_iteration" in history:
         train = float(history["seconds_iteration"].sum())
     steps = float(history["env_steps"].sum()) if "env_steps" in history else None
-    return {"wall_seconds": _seconds(report_run.run), "train_seconds": train,
+    return {"wall_seconds": _seconds(report_run), "train_seconds": train,
             "env_steps": steps}
 
 
@@ -220,6 +239,9 @@ def _runs_list(runs: list[ReportRun]) -> list[str]:
         lines.append(f"- {r.label}: run `{r.id}` ({info.run_name}, {info.status}, started "
                      f"{started}, git {commit}): "
                      + (_code(r.command) if r.command else f"command {NO_COMMAND}"))
+        for _, iteration, command in r.resumes:
+            lines.append(f"  - resumed at iteration {iteration}: "
+                         + (_code(command) if command else f"command {NO_COMMAND}"))
     return [*lines, ""]
 
 
@@ -230,7 +252,9 @@ def _cost_lines(runs: list[ReportRun]) -> list[str]:
         rows.append([r.label, f"`{r.id}`", _fmt(c["wall_seconds"], 1),
                      _fmt(c["train_seconds"], 1),
                      MISSING if c["env_steps"] is None else f"{int(c['env_steps']):,}"])
-    return ["Cost: wall clock = run end − start (evaluation and logging included); training = "
+    return ["Cost: wall clock = run end − start (evaluation and logging included; for a resumed "
+            "run the sum of its segments, without the time between a stop and its resume); "
+            "training = "
             "sum of the per-iteration `seconds_iteration` (baselines: `train_seconds` of "
             "pretraining); env steps = sum of the `env_steps` metric.", "",
             *_md_table(["method", "run", "wall clock (s)", "training (s)", "env steps"], rows),

@@ -97,6 +97,10 @@ TAG_ITERATION = "maml.iteration"
 TAG_POLICY_CLASS = "maml.policy_class"
 TAG_TRUNCATED_PARAMS = "maml.truncated_params"
 TAG_COMMAND = "maml.command"
+# Set on each ``maml train --resume``: <prefix><unix seconds> = the iteration it resumed at, and
+# the command line that resumed it (same suffix).
+TAG_RESUMED_AT = "maml.resumed_at_"
+TAG_RESUME_COMMAND = "maml.resume_command_"
 
 _LOG = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -588,6 +592,22 @@ def eval_metrics(summary: pd.DataFrame) -> dict[str, float]:
     name = "eval_return" if value == "mean_return" else "eval_mse"
     return {f"{name}_step_{int(r.step)}": float(getattr(r, value))
             for r in summary.itertuples()}
+
+
+def resumes(tags: Mapping[str, str]) -> list[tuple[int, int, str | None]]:
+    """The resumes recorded in a run's tags, oldest first: (unix seconds, iteration resumed
+    at, the command line that resumed it or None)."""
+    out = []
+    for key, value in tags.items():
+        suffix = key[len(TAG_RESUMED_AT):]
+        if key.startswith(TAG_RESUMED_AT) and suffix.isdigit() and value.isdigit():
+            out.append((int(suffix), int(value), tags.get(TAG_RESUME_COMMAND + suffix)))
+    return sorted(out)
+
+
+def metric_timestamps(run_id: str, key: str) -> list[int]:
+    """When each value of metric ``key`` was recorded (ms since the epoch), sorted."""
+    return sorted(m.timestamp for m in _client().get_metric_history(run_id, key))
 
 
 def metric_history(run_id: str, keys: list[str] | tuple[str, ...]) -> pd.DataFrame:

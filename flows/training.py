@@ -108,8 +108,10 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             learner.restore(ckpt)
             # its artifact upload may be what the crash interrupted (idempotent)
             mlflow_writer.submit(tracking.log_checkpoint, run_id, ckpt)
-        tracking.set_tags(run_id, {f"maml.resumed_at_{int(time.time())}":
-                                   str(learner.iteration)})
+        now = int(time.time())
+        tracking.set_tags(run_id, {f"{tracking.TAG_RESUMED_AT}{now}": str(learner.iteration),
+                                   f"{tracking.TAG_RESUME_COMMAND}{now}":
+                                   tracking.current_command()})
     else:
         store.save_config(config.model_dump(mode="json"))
         tracking.log_params(run_id, config.model_dump(mode="json"))

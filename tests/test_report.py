@@ -5,6 +5,7 @@ their own."""
 from __future__ import annotations
 
 import shlex
+import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +18,7 @@ TINY = ["iterations=2", "meta_batch_size=4", "episodes_per_task=4", "evaluation.
         "evaluation.num_tasks=6", "pipeline.register_model=false",
         "policy.hidden_sizes=[16, 16]", "checkpoint_every=2", "pipeline.retry_delay_seconds=0"]
 PNG = b"\x89PNG\r\n\x1a\n"
+PAUSE = 3.0  # seconds between the meta-train run's stop and its resume
 
 
 def _sets() -> list[str]:
@@ -25,7 +27,8 @@ def _sets() -> list[str]:
 
 @pytest.fixture(scope="module")
 def store(pipeline):
-    """An experiment of its own with one meta-train and one oracle baseline run."""
+    """An experiment of its own with one meta-train run (2 iterations, then resumed after a
+    pause of PAUSE seconds for 2 more) and one oracle baseline run."""
     from flows import tracking
     from flows.cli import main
 
@@ -34,11 +37,17 @@ def store(pipeline):
         train = ["train", NAV, *_sets()]
         oracle = ["baseline", NAV, "--method", "oracle", *_sets()]
         assert main(train) == 0
+        tracking.load_tracking_config().setup()
+        (first,) = tracking.search_runs()
+        time.sleep(PAUSE)
+        resume = ["train", "--resume", first.info.run_id, "--set", "iterations=4"]
+        assert main(resume) == 0
         assert main(oracle) == 0
         tracking.load_tracking_config().setup()
         runs = {r.data.tags["maml.kind"]: r for r in tracking.search_runs()}
         assert set(runs) == {"meta-train", "baseline"}
-        yield {"runs": runs, "argv": {"meta-train": train, "baseline": oracle}}
+        yield {"runs": runs, "argv": {"meta-train": train, "baseline": oracle},
+               "resume": resume}
     tracking.load_tracking_config().setup()
 
 
@@ -94,6 +103,26 @@ def test_report_has_our_numbers_the_papers_and_plots(store, tmp_path, capsys):
                                   "evaluation/summary.csv")["mean_return"][0]
     assert f"{oracle0:.2f} (-2.29)" in printed
     assert "README.md" in printed
+
+
+def test_report_names_each_resume_and_leaves_the_pause_out_of_the_wall_clock(store, tmp_path):
+    from flows import tracking
+    from flows.report import ReportRun, cost, write_report
+
+    tracking.load_tracking_config().setup()
+    run = tracking.get_run(store["runs"]["meta-train"].info.run_id)
+    (resumed,) = tracking.resumes(run.data.tags)
+    assert resumed[1:] == (2, shlex.join(["maml", *store["resume"]]))
+    report = ReportRun(run=run, family="navigation2d", method="maml", k_shot=None,
+                       summary=None)
+    figures = cost(report)
+    span = (run.info.end_time - run.info.start_time) / 1000
+    assert figures["train_seconds"] < figures["wall_seconds"] <= span - PAUSE
+    assert len(tracking.metric_history(run.info.run_id, ["seconds_iteration"])) == 4
+
+    text = Path(write_report(tmp_path / "r", run_ids=[run.info.run_id])["path"]).read_text()
+    assert (f"  - resumed at iteration 2: `{shlex.join(['maml', *store['resume']])}`"
+            in text)
 
 
 def test_report_takes_runs_by_id(store, tmp_path):
