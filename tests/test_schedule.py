@@ -37,6 +37,19 @@ def _wait(predicate, timeout: float, what: str, procs=()):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _api(method: str, url: str, **kwargs) -> httpx.Response:
+    """A request to the Prefect API, retried for up to a minute while the server answers that it
+    is busy (503 when its SQLite database stays locked, e.g. while the scheduler inserts the new
+    deployment's runs; 502, 429), as Prefect's own client retries them; other errors raise."""
+    deadline = time.time() + 60
+    while True:
+        r = httpx.request(method, url, timeout=30, **kwargs)
+        if r.status_code not in (429, 502, 503) or time.time() > deadline:
+            r.raise_for_status()
+            return r
+        time.sleep(1)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -85,26 +98,24 @@ def test_schedule_creates_cron_deployment_whose_run_completes(prefect_server, tm
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         def deployment():
-            r = httpx.post(f"{api}/deployments/filter",
-                           json={"deployments": {"name": {"any_": ["nightly-test"]}}})
-            r.raise_for_status()
+            r = _api("POST", f"{api}/deployments/filter",
+                     json={"deployments": {"name": {"any_": ["nightly-test"]}}})
             return r.json()[0] if r.json() else None
 
         dep = _wait(deployment, 120, "the deployment", [served])
         crons = [s["schedule"].get("cron") for s in dep["schedules"]]
         assert crons == ["0 3 * * *"]
-        r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={})
-        r.raise_for_status()
+        r = _api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={})
         run_id = r.json()["id"]
 
         def finished():
-            state = httpx.get(f"{api}/flow_runs/{run_id}").json()["state"]
+            state = _api("GET", f"{api}/flow_runs/{run_id}").json()["state"]
             return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED") else None
 
         state = _wait(finished, 300, "the triggered flow run", [served])
         if state["type"] != "COMPLETED":
             query = {"logs": {"flow_run_id": {"any_": [run_id]}}}
-            logs = httpx.post(f"{api}/logs/filter", json=query).json()
+            logs = _api("POST", f"{api}/logs/filter", json=query).json()
             text = "\n".join(x["message"] for x in logs)[-3000:]
             raise AssertionError(f"{state['message']}\n{text}")
     finally:
