@@ -12,6 +12,7 @@ step), the paper's from ``data/maml_paper_rl_returns.csv``.
 from __future__ import annotations
 
 import datetime
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,18 +150,11 @@ def _seconds(report_run: ReportRun) -> float | None:
     if not (info.end_time and info.start_time):
         return None
     starts = [info.start_time] + [1000 * ts for ts, _, _ in report_run.resumes]
-    if len(starts) == 1:
-        return (info.end_time - info.start_time) / 1000.0
-    recorded = tracking.metric_timestamps(report_run.id, "seconds_iteration")
-    total = 0.0
-    for i, start in enumerate(starts):
-        if i == len(starts) - 1:
-            end = info.end_time
-        else:
-            following = starts[i + 1]
-            end = max((t for t in recorded if start <= t < following), default=start)
-        total += max(end - start, 0)
-    return total / 1000.0
+    recorded = (tracking.metric_timestamps(report_run.id, "seconds_iteration")
+                if len(starts) > 1 else [])
+    ends = [max((t for t in recorded if start <= t < following), default=start)
+            for start, following in itertools.pairwise(starts)] + [info.end_time]
+    return sum(max(end - start, 0) for start, end in zip(starts, ends, strict=True)) / 1000.0
 
 
 def cost(report_run: ReportRun) -> dict[str, float | None]:
@@ -254,9 +248,8 @@ def _cost_lines(runs: list[ReportRun]) -> list[str]:
                      MISSING if c["env_steps"] is None else f"{int(c['env_steps']):,}"])
     return ["Cost: wall clock = run end − start (evaluation and logging included; for a resumed "
             "run the sum of its segments, without the time between a stop and its resume); "
-            "training = "
-            "sum of the per-iteration `seconds_iteration` (baselines: `train_seconds` of "
-            "pretraining); env steps = sum of the `env_steps` metric.", "",
+            "training = sum of the per-iteration `seconds_iteration` (baselines: "
+            "`train_seconds` of pretraining); env steps = sum of the `env_steps` metric.", "",
             *_md_table(["method", "run", "wall clock (s)", "training (s)", "env steps"], rows),
             ""]
 
