@@ -49,7 +49,8 @@ def policy_from_architecture(arch: dict[str, Any]) -> MLP:
         hidden, act = arch["hidden_sizes"], arch["activation"]
         if cls == "GaussianMLPPolicy":
             return GaussianMLPPolicy(arch["input_dim"], arch["output_dim"], hidden, act,
-                                     float(arch.get("init_log_std", 0.0)))
+                                     float(arch.get("init_log_std", 0.0)),
+                                     arch.get("min_log_std"))
         if cls == "CategoricalMLPPolicy":
             return CategoricalMLPPolicy(arch["input_dim"], arch["output_dim"], hidden, act)
         if cls == "MLP":

@@ -43,6 +43,9 @@ class PolicyConfig(_Strict):
     hidden_sizes: list[int] = Field(default_factory=lambda: [64, 64])
     activation: Literal["tanh", "relu"] = "tanh"
     init_log_std: float = 0.0
+    min_log_std: float | None = Field(
+        None, description="lower bound on the Gaussian policy's log std (rllab's min_std); "
+        "None: unbounded")
 
     @field_validator("hidden_sizes")
     @classmethod
@@ -50,6 +53,15 @@ class PolicyConfig(_Strict):
         if not value or any(h < 1 for h in value):
             raise ValueError("hidden_sizes must be a non-empty list of positive integers")
         return value
+
+    @model_validator(mode="after")
+    def _std_bound(self) -> PolicyConfig:
+        if self.min_log_std is not None and self.min_log_std > self.init_log_std:
+            raise ValueError(
+                f"policy.min_log_std ({self.min_log_std}) is above policy.init_log_std "
+                f"({self.init_log_std}): the log std would start clamped and never get a "
+                "gradient; lower min_log_std or raise init_log_std")
+        return self
 
 
 class InnerConfig(_Strict):

@@ -92,9 +92,12 @@ class GaussianMLPPolicy(MLP):
 
     def __init__(self, observation_dim: int, action_dim: int,
                  hidden_sizes: Sequence[int] = (64, 64), activation: str = "tanh",
-                 init_log_std: float = 0.0):
+                 init_log_std: float = 0.0, min_log_std: float | None = None):
         super().__init__(observation_dim, action_dim, hidden_sizes, activation)
         self.init_log_std = float(init_log_std)
+        # rllab's ``min_std``: the log std the distribution uses is max(log_std, min_log_std), so
+        # neither the meta-update nor an inner step can shrink the exploration noise below it.
+        self.min_log_std = None if min_log_std is None else float(min_log_std)
         self.log_std = nn.Parameter(torch.full((action_dim,), self.init_log_std))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
@@ -112,6 +115,8 @@ class GaussianMLPPolicy(MLP):
         log_std = params["log_std"]
         if log_std.dim() == 2:  # batched: [tasks, act] -> [tasks, 1.., act]
             log_std = log_std.view(log_std.shape[0], *([1] * (mean.dim() - 2)), -1)
+        if self.min_log_std is not None:
+            log_std = log_std.clamp(min=self.min_log_std)
         return mean, log_std.expand_as(mean)
 
     @staticmethod
@@ -141,7 +146,10 @@ class GaussianMLPPolicy(MLP):
         return mean + torch.exp(log_std) * noise
 
     def architecture(self) -> dict:
-        return {**super().architecture(), "init_log_std": self.init_log_std}
+        arch = {**super().architecture(), "init_log_std": self.init_log_std}
+        if self.min_log_std is not None:  # unbounded policies keep the manifests they always had
+            arch["min_log_std"] = self.min_log_std
+        return arch
 
 
 class CategoricalMLPPolicy(MLP):
@@ -187,7 +195,7 @@ def log_prob(policy, params: Params, obs: Tensor, actions: Tensor) -> Tensor:
 
 
 def build_policy(family, hidden_sizes: Sequence[int], activation: str, init_log_std: float,
-                 generator: torch.Generator):
+                 generator: torch.Generator, min_log_std: float | None = None):
     """The policy (or regressor, for supervised families) that fits ``family``, initialized."""
     if family.kind == "supervised":
         model: MLP = MLP(family.input_dim, family.output_dim, hidden_sizes, activation)
@@ -196,6 +204,6 @@ def build_policy(family, hidden_sizes: Sequence[int], activation: str, init_log_
                                      activation)
     else:
         model = GaussianMLPPolicy(family.observation_dim, family.action_dim, hidden_sizes,
-                                  activation, init_log_std)
+                                  activation, init_log_std, min_log_std)
     model.reset_parameters(generator)
     return model

@@ -57,7 +57,8 @@ class MetaLearner:
         self.horizon = config.task.horizon or self.family.default_horizon
         self.policy = build_policy(self.family, config.policy.hidden_sizes,
                                    config.policy.activation, config.policy.init_log_std,
-                                   generator(derive_seed(config.seed, "init")))
+                                   generator(derive_seed(config.seed, "init")),
+                                   config.policy.min_log_std)
         self.policy.to(device=self.device, dtype=self.dtype)
         params = self.policy.params()
         if config.inner.learn_step_size:

@@ -149,3 +149,27 @@ def test_rollout_shard_property(family_name, batched):
     params = _stack([per_task[0]]) if batched else policy.params()
     again = collect_episodes(env, policy, params, [seeds[0] + 1])
     assert not torch.equal(again.actions, alone.actions)
+
+
+def test_min_log_std_bounds_the_distribution_and_survives_a_reload():
+    from flows.policy_model import policy_from_architecture
+    from maml_core.config import build_config
+
+    policy = GaussianMLPPolicy(3, 2, [8], min_log_std=-1.0)
+    policy.reset_parameters(generator(0))
+    params = policy.params()
+    params["log_std"] = torch.tensor([-2.5, 0.3], requires_grad=True)
+    obs, actions = torch.randn(5, 3), torch.randn(5, 2)
+    mean, log_std = policy.distribution(params, obs)
+    assert torch.equal(log_std, torch.tensor([-1.0, 0.3]).expand(5, 2))
+    # Below the bound the log std gets no gradient (nothing pushes it further down); above it
+    # the gradient is the Gaussian's: d/ds log N(a; m, e^s) = z^2 - 1.
+    policy.log_prob_of((mean, log_std), actions).sum().backward()
+    z = (actions[:, 1] - mean[:, 1].detach()) / torch.exp(torch.tensor(0.3))
+    assert params["log_std"].grad[0] == 0
+    torch.testing.assert_close(params["log_std"].grad[1], (z.pow(2) - 1).sum())
+    again = policy_from_architecture(policy.architecture())
+    assert again.min_log_std == -1.0
+    assert GaussianMLPPolicy(3, 2, [8]).distribution(params, obs)[1][0, 0] == -2.5
+    with pytest.raises(ValueError, match=r"min_log_std .* above policy.init_log_std"):
+        build_config({"policy": {"init_log_std": -1.0, "min_log_std": -0.5}})

@@ -31,7 +31,7 @@ KNOWN = {
     "": ["seed", "device", "dtype", "iterations", "meta_batch_size", "episodes_per_task",
          "gamma", "gae_lambda", "normalize_advantages", "k_shot", "checkpoint_every"],
     "task": ["family", "horizon", "options", "test_tasks"],
-    "policy": ["hidden_sizes", "activation", "init_log_std"],
+    "policy": ["hidden_sizes", "activation", "init_log_std", "min_log_std"],
     "inner": ["step_size", "num_steps", "first_order", "learn_step_size"],
     "meta_optimizer": ["name", "lr", "max_grad_norm", "max_kl", "cg_iters", "cg_damping",
                        "line_search_steps", "line_search_backtrack", "hvp_subsample",
