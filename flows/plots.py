@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -59,7 +60,8 @@ def adaptation_curve(summary: pd.DataFrame, family: str, title: str,
     curves = {label: summary, **(others or {})}
     for name, table in curves.items():
         ax.errorbar(table["step"], table[value], yerr=table["ci95"], marker="o", capsize=3,
-                    label=name, color=_method_color(name))
+                    label=textwrap.shorten(name, 60, placeholder=" …)"),
+                    color=_method_color(name))
     if value == "mean_return":
         paper = paper_rows(family)
         for method, rows in paper.groupby("method"):

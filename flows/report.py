@@ -4,7 +4,9 @@ Which runs: per task family, MAML is the latest FINISHED run tagged ``maml.kind=
 and each baseline (pretrained, random, oracle) the latest FINISHED run tagged
 ``maml.kind=baseline`` with that ``maml.method``; supervised families (sinusoid) keep one run
 per method and K (the run's ``k_shot`` param). Runs given with ``--run`` take their place
-(whatever their status), the others are still picked as above. Our numbers come from each run's
+(whatever their status), the others are still picked as above. A second meta-train run of a
+family given with ``--run`` is shown beside the first as ``maml (<config>)``, e.g. our best
+config next to the paper's protocol. Our numbers come from each run's
 ``evaluation/summary.csv`` artifact (mean and 95% CI over the held-out tasks per adaptation
 step), the paper's from ``data/maml_paper_rl_returns.csv``.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,19 @@ def _method(run) -> str:
     return "maml" if tags.get("maml.kind") == "meta-train" else tags.get("maml.method", "?")
 
 
+def _variant(run) -> str:
+    """``maml (<config>)``: the config file's stem and the ``--set`` overrides in the run's
+    recorded command (the run id's start where it recorded none)."""
+    try:
+        words = shlex.split(run.data.tags.get(tracking.TAG_COMMAND) or "")
+    except ValueError:
+        words = []
+    parts = [Path(w).stem for w in words if w.endswith((".yaml", ".yml"))][:1]
+    parts += [value for flag, value in itertools.pairwise(words) if flag == "--set"]
+    parts += [w.split("=", 1)[1] for w in words if w.startswith("--set=")]
+    return f"maml ({', '.join(parts) or run.info.run_id[:8]})"
+
+
 def _slot(run) -> tuple[str, str, int | None]:
     family = run.data.tags.get("maml.task_family", "?")
     k = run.data.params.get("k_shot")
@@ -80,8 +96,8 @@ def _slot(run) -> tuple[str, str, int | None]:
     return family, _method(run), k_shot
 
 
-def _report_run(run) -> ReportRun:
-    family, method, k_shot = _slot(run)
+def _report_run(run, slot: tuple[str, str, int | None] | None = None) -> ReportRun:
+    family, method, k_shot = slot or _slot(run)
     summary = tracking.read_table(run.info.run_id, "evaluation/summary.csv")
     return ReportRun(run, family, method, k_shot, summary)
 
@@ -101,10 +117,12 @@ def select_runs(families: list[str] | None = None, run_ids: list[str] | None = N
         if families and slot[0] not in families:
             raise UsageError(f"--run {run_id} is a {slot[0]} run, but --family asks for "
                              f"{', '.join(families)} only; add --family {slot[0]}")
+        if slot in chosen and slot[1] == "maml":
+            slot = (slot[0], _variant(run), slot[2])
         if slot in chosen:
             raise UsageError(f"--run {chosen[slot].id} and --run {run_id} are both the "
                              f"{slot[1]} run of {slot[0]}; give one of them")
-        chosen[slot] = _report_run(run)
+        chosen[slot] = _report_run(run, slot)
     candidates = [run for kind in KINDS for run in tracking.search_runs(
         f"attributes.status = 'FINISHED' and tags.`maml.kind` = '{kind}'")]
     candidates.sort(key=lambda r: r.info.start_time or 0, reverse=True)
@@ -174,8 +192,13 @@ def rl_table(family: str, runs: dict[str, ReportRun]) -> pd.DataFrame:
     """Mean return and 95% CI per method and step: ours (NaN where no run) next to the
     paper's (NaN where the paper has no row)."""
     paper = plots.paper_rows(family)
-    methods = [m for m in METHODS if m in runs or m in set(paper["method"])]
-    methods += sorted(m for m in runs if m not in METHODS)
+    others = sorted(m for m in runs if m not in METHODS)
+    methods = []
+    for m in METHODS:  # each method, then its variants ("maml (<config>)")
+        if m in runs or m in set(paper["method"]):
+            methods.append(m)
+        methods += [o for o in others if o.startswith(f"{m} (")]
+    methods += [o for o in others if o not in methods]
     rows = []
     for method in methods:
         ours = runs[method].summary if method in runs else None
@@ -257,13 +280,15 @@ def _cost_lines(runs: list[ReportRun]) -> list[str]:
 def _learning_curves(runs: list[ReportRun], family: str, out: Path) -> list[str]:
     lines = []
     for r in runs:
-        if r.method != "maml":
+        if r.method.split(" ")[0] != "maml":
             continue
         history = tracking.metric_history(r.id, list(CURVE_KEYS))
         if history.empty:
             lines.append(f"Run `{r.id}` recorded no per-iteration returns; no learning curve.")
             continue
-        name = f"{family}{'' if r.k_shot is None else f'-k{r.k_shot}'}-learning-curve.png"
+        variant = "" if r.method == "maml" else f"-{r.id[:8]}"  # a second run of the family
+        name = (f"{family}{'' if r.k_shot is None else f'-k{r.k_shot}'}{variant}"
+                "-learning-curve.png")
         plots.save(plots.learning_curve(history, f"meta-training: {family} "
                                                  f"{'' if r.k_shot is None else r.label}"
                                         .strip() + f" (run {r.id[:8]})"), out / name)

@@ -155,3 +155,37 @@ def test_report_bad_input(store, tmp_path, capsys, monkeypatch):
     assert "no FINISHED meta-train or baseline runs in experiment" in err
     assert "maml baseline" in err  # how to make some
     assert not (tmp_path / "README.md").exists()
+
+
+def test_report_shows_a_second_maml_run_of_a_family_beside_the_first(store, tmp_path):
+    """Two meta-train runs of navigation2d given with --run: the second gets a row group of its
+    own, labelled by its config and overrides, and a learning curve of its own."""
+    import mlflow
+
+    from flows import tracking
+    from flows.cli import main
+    from flows.report import write_report
+
+    fast = str(ROOT / "configs" / "navigation2d-fast.yaml")
+    argv = ["train", fast, *_sets(), "--set", "inner.step_size=0.3"]
+    assert main(argv) == 0
+    tracking.load_tracking_config().setup()
+    first = store["runs"]["meta-train"].info.run_id
+    (second,) = [r for r in tracking.search_runs() if r.info.run_id != first
+                 and r.data.tags["maml.kind"] == "meta-train"]
+    try:
+        label = f"maml (navigation2d-fast, {', '.join([*TINY, 'inner.step_size=0.3'])})"
+        report = write_report(tmp_path / "r", run_ids=[first, second.info.run_id])
+        assert report["runs"][("navigation2d", "maml", None)] == first
+        assert report["runs"][("navigation2d", label, None)] == second.info.run_id
+        text = Path(report["path"]).read_text()
+        methods = [line.split("|")[1].strip() for line in text.splitlines()
+                   if line.startswith("| ") and line.split("|")[2].strip() == "1"]
+        assert methods[:2] == ["maml", label]  # the variant right after the paper's-protocol
+        summary = tracking.read_table(second.info.run_id, "evaluation/summary.csv")
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} | 1 |"))
+        assert f"| {summary['mean_return'][1]:.2f} |" in row
+        curves = sorted(p.name for p in (tmp_path / "r").glob("*learning-curve.png"))
+        assert len(curves) == 2 and "navigation2d-learning-curve.png" in curves, curves
+    finally:
+        mlflow.MlflowClient().delete_run(second.info.run_id)
