@@ -9,9 +9,16 @@ Four families, each a small subclass of a gymnasium v5 env whose reward depends 
 * ``ant-vel`` (``velocity`` ~ U[0, 3]) and ``ant-dir`` (``direction`` in {-1, +1}), with the
   reward of the paper's rllab code:
   forward - 0.5e-2 |a|^2 - 0.5e-3 sum(clip(cfrc_ext, -1, 1)^2) + 0.05, where forward is
-  -|v - velocity| or direction * v. The 0.05 survive bonus is paid on every step (as in rllab,
-  including the step on which the ant falls); the episode terminates when the torso height
-  leaves [0.2, 1.0] or the state is not finite (v5's ``healthy_z_range``).
+  1 - |v - velocity| or direction * v. The 1 in ant-vel's forward term is the paper code's
+  (its comment: "make it happy, not suicidal"): without it every step costs more than the
+  survive bonus pays, and the ant learns to end its episodes by falling. The 0.05 survive
+  bonus is paid on every step (as in rllab, including the step on which the ant falls); the
+  episode terminates when the torso height leaves [0.2, 1.0] or the state is not finite
+  (v5's ``healthy_z_range``).
+* The ant steps 0.02 s of simulated time per action (``frame_skip`` 2 of v5's 0.01 s
+  timestep), the step of the paper's rllab ant model (timestep 0.02, one substep), not v5's
+  default 0.05 s: at 0.05 s a random policy makes the ant hop above the 1.0 height limit
+  after about 50 actions, at 0.02 s it stays up about 2.5 times as long.
 
 ``v`` is the torso's x velocity measured by its position change over the step (v5's
 ``info["x_velocity"]``), not MuJoCo's ``qvel``; ``a`` is the action actually applied, i.e.
@@ -25,8 +32,9 @@ keeps the policy small. (rllab's ant did observe them, clipped.) Pass
 contact forces are always in the reward.
 
 Differences from the paper's rllab environments: gymnasium's v5 models and observations
-(rllab's models had different gear ratios and observation layouts), and the ant's velocity is
-its torso's rather than its centre of mass's.
+(rllab's models had different gear ratios, integrators and observation layouts; its ant starts
+with the torso at 0.55, v5's at 0.75), and the ant's velocity is its torso's rather than its
+centre of mass's.
 
 ``GymTaskVectorEnv`` is generic: it batches any per-task gymnasium env that has a
 ``set_task(task)`` method (or a custom ``apply_task`` callback) behind the ``TaskVectorEnv`` API.
@@ -250,6 +258,7 @@ class _TaskReward:
 
     objective: Objective
     target: float
+    velocity_offset: float = 0.0  # added to the velocity objective's -|v - target|
 
     def _init_task(self, objective: str) -> None:
         if objective not in _OBJECTIVES:
@@ -265,7 +274,7 @@ class _TaskReward:
 
     def forward_reward(self, x_velocity: float) -> float:
         if self.objective == "velocity":
-            return -abs(float(x_velocity) - self.target)
+            return self.velocity_offset - abs(float(x_velocity) - self.target)
         return self.target * float(x_velocity)
 
 
@@ -300,14 +309,22 @@ class HalfCheetahTaskEnv(_TaskReward, HalfCheetahEnv):
             mujoco.set_mju_user_warning(previous)
 
 
+# Substeps of v5's 0.01 s timestep per action: 0.02 s, the step of the paper's rllab ant.
+ANT_FRAME_SKIP = 2
+
+
 class AntTaskEnv(_TaskReward, AntEnv):
-    """Ant-v5 with the rllab MAML reward ``forward - ctrl - contact + survive_reward``."""
+    """Ant-v5 with the rllab MAML reward ``forward - ctrl - contact + survive_reward`` (forward:
+    ``velocity_offset - |v - target|`` or ``direction * v``) and rllab's 0.02 s per action."""
 
     def __init__(self, objective: Objective = "velocity", ctrl_cost_weight: float = 0.5e-2,
                  contact_cost_weight: float = 0.5e-3, survive_reward: float = 0.05,
-                 include_cfrc_ext_in_observation: bool = False, **kwargs: Any):
+                 include_cfrc_ext_in_observation: bool = False, velocity_offset: float = 1.0,
+                 frame_skip: int = ANT_FRAME_SKIP, **kwargs: Any):
         self._init_task(objective)
         self._survive_reward = float(survive_reward)
+        self.velocity_offset = float(velocity_offset)
+        kwargs["frame_skip"] = int(frame_skip)
         kwargs.setdefault("healthy_z_range", (0.2, 1.0))
         kwargs.setdefault("contact_force_range", (-1.0, 1.0))
         AntEnv.__init__(self, ctrl_cost_weight=ctrl_cost_weight,
@@ -315,7 +332,8 @@ class AntTaskEnv(_TaskReward, AntEnv):
                         include_cfrc_ext_in_observation=include_cfrc_ext_in_observation,
                         **kwargs)
         utils.EzPickle.__init__(self, objective, ctrl_cost_weight, contact_cost_weight,
-                                survive_reward, include_cfrc_ext_in_observation, **kwargs)
+                                survive_reward, include_cfrc_ext_in_observation,
+                                velocity_offset, **kwargs)
 
     def _get_rew(self, x_velocity: float, action: np.ndarray) -> tuple[float, dict[str, float]]:
         forward = self.forward_reward(x_velocity)
