@@ -47,6 +47,10 @@ METHOD_COLORS = {"maml": "tab:blue", "pretrained": "tab:orange", "random": "tab:
                  "oracle": "tab:red"}
 
 
+# For curves of no known method (a second MAML run of a family: "ours: maml (<config>)").
+EXTRA_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
 def _method_color(label: str) -> str | None:
     return METHOD_COLORS.get(label.split(": ", 1)[-1])
 
@@ -58,10 +62,11 @@ def adaptation_curve(summary: pd.DataFrame, family: str, title: str,
     value = "mean_return" if "mean_return" in summary else "mean_mse"
     fig, ax = plt.subplots(figsize=(6, 4))
     curves = {label: summary, **(others or {})}
+    extra = iter(EXTRA_COLORS * len(curves))
     for name, table in curves.items():
         ax.errorbar(table["step"], table[value], yerr=table["ci95"], marker="o", capsize=3,
                     label=textwrap.shorten(name, 60, placeholder=" …)"),
-                    color=_method_color(name))
+                    color=_method_color(name) or next(extra))
     if value == "mean_return":
         paper = paper_rows(family)
         for method, rows in paper.groupby("method"):

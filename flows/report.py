@@ -107,7 +107,7 @@ def select_runs(families: list[str] | None = None, run_ids: list[str] | None = N
     """The runs of the report by (family, method, K), and notes on runs passed over."""
     chosen: dict[tuple, ReportRun] = {}
     notes: list[str] = []
-    for run_id in run_ids or []:
+    for run_id in dict.fromkeys(run_ids or []):  # a run given twice is shown once
         run = tracking.get_run(run_id)
         kind = run.data.tags.get("maml.kind")
         if kind not in KINDS:

@@ -173,3 +173,12 @@ def test_min_log_std_bounds_the_distribution_and_survives_a_reload():
     assert GaussianMLPPolicy(3, 2, [8]).distribution(params, obs)[1][0, 0] == -2.5
     with pytest.raises(ValueError, match=r"min_log_std .* above policy.init_log_std"):
         build_config({"policy": {"init_log_std": -1.0, "min_log_std": -0.5}})
+    # The config's bound reaches the learner's policy (and so its checkpoints and models).
+    from maml_core.trainer import MetaLearner
+
+    learner = MetaLearner(build_config({"policy": {"hidden_sizes": [4],
+                                                   "min_log_std": -0.25}}))
+    assert learner.policy.architecture()["min_log_std"] == -0.25
+    params = learner.policy.params()
+    params["log_std"] = torch.full_like(params["log_std"], -3.0)
+    assert learner.policy.distribution(params, torch.zeros(1, 2))[1].min() == -0.25

@@ -134,6 +134,9 @@ def test_report_takes_runs_by_id(store, tmp_path):
     report = write_report(tmp_path / "r", run_ids=[train_id])
     assert report["runs"][("navigation2d", "maml", None)] == train_id
     assert "(Python)" in Path(report["path"]).read_text()
+    twice = write_report(tmp_path / "r2", run_ids=[train_id, train_id])
+    assert [k for k in twice["runs"] if k[0] == "navigation2d" and k[1].startswith("maml")] \
+        == [("navigation2d", "maml", None)]  # given twice, shown once
 
 
 def test_report_bad_input(store, tmp_path, capsys, monkeypatch):
