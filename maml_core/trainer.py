@@ -209,7 +209,7 @@ class MetaLearner:
         return save_checkpoint(directory, self.iteration, self.detached_params(None), tensors,
                                {**meta, "rejected_in_a_row": self.rejected_in_a_row},
                                self.config.model_dump(mode="json"), self.policy.architecture(),
-                               extra)
+                               {"env_version": self.family.env_version, **(extra or {})})
 
     def load_model_params(self, params: Params, source: str) -> None:
         """Load a model's parameters; meta-parameters it lacks (e.g. Meta-SGD step sizes of a
@@ -229,6 +229,14 @@ class MetaLearner:
             raise CheckpointError(f"checkpoint {str(path)!r} was saved for policy "
                                   f"{manifest.get('architecture')}, but the config builds "
                                   f"{self.policy.architecture()}")
+        made_on = int(manifest.get("env_version", 1))  # checkpoints before versions: 1
+        if made_on != self.family.env_version:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was made on version {made_on} of the "
+                f"{self.family.name!r} environment, this code runs version "
+                f"{self.family.env_version} (its dynamics or reward changed; see "
+                "maml_core/tasks): resuming would continue on a different problem; start a "
+                "new run instead")
         self.load_params(params, f"checkpoint {str(path)!r}")
         opt_meta = dict(manifest.get("optimizer", {}))
         self.rejected_in_a_row = int(opt_meta.pop("rejected_in_a_row", 0))

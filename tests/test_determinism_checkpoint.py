@@ -144,6 +144,32 @@ def test_checkpoint_of_another_architecture_is_refused(saved):
         meta_sgd.restore(path)
 
 
+def test_checkpoint_of_another_environment_version_is_refused(saved, tmp_path):
+    """A checkpoint records its family's ``env_version``; one made before versions existed
+    counts as version 1. Resuming on a changed environment (the ant families are version 2)
+    is refused, the same version resumes."""
+    path, _ = saved
+    manifest = json.loads(path.read_text())
+    assert manifest["env_version"] == 1  # navigation2d
+    del manifest["env_version"]  # as written before versions were recorded
+    path.write_text(json.dumps(manifest))
+    MetaLearner(_config(optimizer="adam")).restore(path)
+
+    config = build_config({"seed": 7, "task": {"family": "ant-dir"},
+                           "policy": {"hidden_sizes": [4]}, "meta_optimizer": {"name": "adam"}})
+    ant = MetaLearner(config)
+    ant_path = ant.save(tmp_path / "ant")
+    assert json.loads(ant_path.read_text())["env_version"] == 2
+    MetaLearner(config).restore(ant_path)
+    old = json.loads(ant_path.read_text())
+    del old["env_version"]
+    ant_path.write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match=r"version 1 of the 'ant-dir' environment, this "
+                       r"code runs version 2 .* start a new run"):
+        MetaLearner(config).restore(ant_path)
+    ant.close()
+
+
 class _Payload:
     """Unpickling this creates ``marker``: proof that the pickle was executed."""
 

@@ -112,6 +112,9 @@ class TaskFamily(ABC):
     discrete: ClassVar[bool] = False
     default_horizon: ClassVar[int] = 100
     task_params: ClassVar[tuple[str, ...]] = ()
+    # Raised when the environment's dynamics or reward change, so that a checkpoint made
+    # before does not resume on a different problem (``MetaLearner.restore`` refuses it).
+    env_version: ClassVar[int] = 1
     observation_dim: int
     action_dim: int = 0
     num_actions: int = 0

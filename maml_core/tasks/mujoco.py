@@ -417,6 +417,7 @@ class _HalfCheetahMixin:
 class _AntMixin:
     observation_dim = 27
     action_dim = 8
+    env_version = 2  # 2: rllab's 0.02 s step and ant-vel's +1 (1: v5's 0.05 s, no +1)
     objective: ClassVar[Objective]
 
     def _init_ant(self, include_contact_forces: bool) -> None:
