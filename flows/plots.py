@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def adaptation_curve(summary: pd.DataFrame, family: str, title: str,
     value = "mean_return" if "mean_return" in summary else "mean_mse"
     fig, ax = plt.subplots(figsize=(6, 4))
     curves = {label: summary, **(others or {})}
-    extra = iter(EXTRA_COLORS * len(curves))
+    extra = itertools.cycle(EXTRA_COLORS)
     for name, table in curves.items():
         ax.errorbar(table["step"], table[value], yerr=table["ci95"], marker="o", capsize=3,
                     label=textwrap.shorten(name, 60, placeholder=" …)"),

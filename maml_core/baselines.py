@@ -27,8 +27,7 @@ def random_params(learner, seed: int = 1) -> Params:
     """Parameters of a freshly initialized policy of the learner's architecture."""
     cfg = learner.config
     model = build_policy(learner.family, cfg.policy.hidden_sizes, cfg.policy.activation,
-                         cfg.policy.init_log_std, generator(derive_seed(seed, "random-init")),
-                         cfg.policy.min_log_std)
+                         cfg.policy.init_log_std, generator(derive_seed(seed, "random-init")))
     return {k: v.to(device=learner.device, dtype=learner.dtype)
             for k, v in model.params().items()}
 
