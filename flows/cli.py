@@ -85,8 +85,11 @@ def _parser() -> argparse.ArgumentParser:
                                     "evaluate", "checkpoint"])
     g.add_argument("--run", required=True, metavar="RUN_ID")
     g.add_argument("--iteration", required=True, type=int)
-    g.add_argument("--phase", choices=["pre", "post"], default="pre",
-                   help="collect_rollouts: pre- or post-adaptation episodes")
+    g.add_argument("--phase", default="pre",
+                   help="collect_rollouts: which episodes, pre (theta's), post (the adapted "
+                   "policies') or, with inner.fresh_episodes, pre1, pre2, ... (those of the "
+                   "policies adapted once, twice, ...); adapt: the inner step on that phase's "
+                   "episodes (default: pre)")
 
     u = sub.add_parser("ui", help="open the MLflow UI for the configured store (127.0.0.1)")
     u.add_argument("--port", type=int, default=5000)

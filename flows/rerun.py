@@ -13,7 +13,7 @@ import pandas as pd
 from flows import tracking
 from flows.config import load_run_config
 from flows.errors import RUN_ID, UsageError
-from flows.stages import PipelineContext, configured
+from flows.stages import PipelineContext, adapted_name, configured
 from flows.store import StageStore, StoreError
 from flows.training import store_root
 from maml_core.trainer import MetaLearner
@@ -50,18 +50,34 @@ def _guarded(store: StageStore, what: str, load):
                          "iteration in a new training run") from None
 
 
-def _inputs(store: StageStore, name: str, iteration: int, phase: str) -> dict:
+def _phases(learner: MetaLearner) -> list[str]:
+    """The run's collect phases in order: ``pre``, the fresh-episode ones, ``post``."""
+    return ["pre", *learner.later_phases, "post"]
+
+
+def _output_name(name: str, phase: str, phases: list[str]) -> str:
+    """What stage ``name`` writes for ``phase``: its episodes (collect_rollouts), the
+    parameters of the inner step on that phase's episodes (adapt), or the new theta."""
+    if name == "collect_rollouts":
+        return phase
+    if name == "adapt":
+        return adapted_name(phases.index(phase))
+    return "meta_update"
+
+
+def _inputs(store: StageStore, name: str, iteration: int, phase: str,
+            phases: list[str]) -> dict:
     """Every stored input of stage ``name`` at ``iteration``, read before the stage runs."""
     it = iteration
     out: dict = {}
+    step = phases.index(phase)  # inner steps taken before this phase's episodes
     if name == "sample_tasks":
         if store.has_table(it, "tasks"):
             out["before"] = _guarded(store, f"tasks of iteration {it}",
                                      lambda: store.load_table(it, "tasks"))
         return out
     if name in ("collect_rollouts", "adapt", "meta_update"):
-        out_name = {"collect_rollouts": phase, "adapt": "adapted",
-                    "meta_update": "meta_update"}[name]
+        out_name = _output_name(name, phase, phases)
         out["before"] = _guarded(store, f"{out_name} record of iteration {it}",
                                  lambda: _digest(store, it, out_name))
     out["theta"], out["record"] = _guarded(store, f"parameters at iteration {it}",
@@ -69,15 +85,21 @@ def _inputs(store: StageStore, name: str, iteration: int, phase: str) -> dict:
     if name == "collect_rollouts":
         out["tasks"] = _guarded(store, f"tasks of iteration {it}",
                                 lambda: store.load_table(it, "tasks"))
-        if phase == "post":
+        if step > 0:
             out["params"], _ = _guarded(store, f"adapted parameters of iteration {it}",
-                                        lambda: store.load_tensors(it, "adapted"))
+                                        lambda: store.load_tensors(it, adapted_name(step - 1)))
         else:
             out["params"] = out["theta"]
-    elif name in ("adapt", "meta_update"):
-        for ph in ("pre", "post") if name == "meta_update" else ("pre",):
-            out[ph] = _guarded(store, f"{ph}-adaptation episodes of iteration {it}",
-                               lambda ph=ph: store.load_episodes(it, ph))
+    elif name == "adapt":
+        out["episodes"] = _guarded(store, f"{phase} episodes of iteration {it}",
+                                   lambda: store.load_episodes(it, phase))
+        out["phi"] = None if step == 0 else _guarded(
+            store, f"adapted parameters of iteration {it}",
+            lambda: store.load_tensors(it, adapted_name(step - 1))[0])
+    elif name == "meta_update":
+        out["episodes"] = [_guarded(store, f"{ph} episodes of iteration {it}",
+                                    lambda ph=ph: store.load_episodes(it, ph))
+                           for ph in phases]
     elif name == "evaluate":
         path = store.evaluation_dir / f"iter-{it:06d}.parquet"
         out["before"] = _guarded(store, f"evaluation of iteration {it}",
@@ -88,8 +110,6 @@ def _inputs(store: StageStore, name: str, iteration: int, phase: str) -> dict:
 def rerun_stage(name: str, run_id: str, iteration: int, phase: str = "pre") -> dict:
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise UsageError(f"--iteration must be an integer >= 0, got {iteration!r}")
-    if phase not in ("pre", "post"):
-        raise UsageError(f"--phase must be 'pre' or 'post', got {phase!r}")
     if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
         raise UsageError(f"--run {run_id!r} is not a run id (letters, digits, '-' and '_'; "
                          "the MLflow run id that `maml train` printed)")
@@ -103,7 +123,12 @@ def rerun_stage(name: str, run_id: str, iteration: int, phase: str = "pre") -> d
         if not learner.rl and name != "evaluate":
             raise UsageError(f"stage {name} applies to RL families; {config.task.family} is "
                              "supervised")
-        inputs = _inputs(store, name, iteration, phase)
+        phases = _phases(learner)
+        if phase not in phases[:-1] + (["post"] if name == "collect_rollouts" else []):
+            allowed = phases if name == "collect_rollouts" else phases[:-1]
+            raise UsageError(f"--phase {phase!r} is not a phase of stage {name} in run "
+                             f"{run_id} (its phases: {', '.join(allowed)})")
+        inputs = _inputs(store, name, iteration, phase, phases)
     except BaseException:
         learner.close()
         raise
@@ -117,16 +142,17 @@ def rerun_stage(name: str, run_id: str, iteration: int, phase: str = "pre") -> d
         identical = None if before is None else bool(before.equals(after))
         output = str(store.iteration_dir(iteration) / "tasks.parquet")
     elif name in ("collect_rollouts", "adapt", "meta_update"):
-        out_name = {"collect_rollouts": phase, "adapt": "adapted",
-                    "meta_update": "meta_update"}[name]
+        out_name = _output_name(name, phase, phases)
         before = inputs["before"]
         theta, record = inputs["theta"], inputs["record"]
         if name == "collect_rollouts":
             stages["collect_rollouts"](ctx, iteration, phase, inputs["params"], inputs["tasks"])
         elif name == "adapt":
-            stages["adapt"](ctx, iteration, theta, inputs["pre"])
+            stages["adapt"](ctx, iteration, theta, inputs["episodes"], phases.index(phase),
+                            inputs["phi"])
         else:
-            stages["meta_update"](ctx, iteration, theta, record, inputs["pre"], inputs["post"])
+            pre, *later, post = inputs["episodes"]
+            stages["meta_update"](ctx, iteration, theta, record, pre, post, tuple(later))
         after = _digest(store, iteration, out_name)
         identical = None if before is None else before == after
         output = str(store.iteration_dir(iteration) / f"{out_name}.safetensors")

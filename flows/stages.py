@@ -144,21 +144,33 @@ def run_collect_rollouts(ctx: PipelineContext, iteration: int, phase: str, param
     return episodes
 
 
+def adapted_name(step: int) -> str:
+    """The stage-store name of the parameters adapted by inner step ``step`` (0-based):
+    ``adapted``, then ``adapted1``, ``adapted2``, ... for inner steps on fresh episodes."""
+    return "adapted" if step == 0 else f"adapted{step}"
+
+
 def run_adapt(ctx: PipelineContext, iteration: int, theta: dict[str, Tensor],
-              pre: Episodes) -> Params:
+              episodes: Episodes, step: int = 0, phi: Params | None = None) -> Params:
+    """Inner adaptation on ``episodes``: from theta (``step`` 0: every inner step, or the first
+    one with fresh episodes), or, for a later step on fresh episodes, one step from ``phi``."""
     maybe_inject_fault("adapt", iteration)
     fault_point(f"stage:adapt:{iteration}:start")
     start = time.perf_counter()
     params = {k: v for k, v in theta.items() if not k.startswith(OPTIM_PREFIX)}
-    adapted = ctx.learner.adapt(pre, params)
-    ctx.store.save_tensors(iteration, "adapted", adapted)
+    if step == 0:
+        adapted = ctx.learner.adapt(episodes, params)
+    else:
+        adapted = ctx.learner.adapt_further(episodes, phi, step, params)
+    ctx.store.save_tensors(iteration, adapted_name(step), adapted)
     ctx.timed("adapt", start)
     fault_point(f"stage:adapt:{iteration}:end")
     return adapted
 
 
 def run_meta_update(ctx: PipelineContext, iteration: int, theta: dict[str, Tensor],
-                    theta_record: dict, pre: Episodes, post: Episodes
+                    theta_record: dict, pre: Episodes, post: Episodes,
+                    later: tuple[Episodes, ...] = ()
                     ) -> tuple[dict[str, Tensor], dict, dict[str, float]]:
     maybe_inject_fault("meta_update", iteration)
     fault_point(f"stage:meta_update:{iteration}:start")
@@ -167,7 +179,7 @@ def run_meta_update(ctx: PipelineContext, iteration: int, theta: dict[str, Tenso
     if ctx.loaded_state is not theta:  # a retry or a lone re-run starts from the stored state
         load_learner_state(learner, theta, theta_record)
     ctx.loaded_state = None
-    stats = learner.meta_update(pre, post)
+    stats = learner.meta_update(pre, post, tuple(later))
     new_state, record = learner_state(learner)
     ctx.loaded_state, ctx.loaded_record = new_state, record
     ctx.store.save_tensors(iteration, "meta_update", new_state, {**record, "stats": stats})

@@ -7,6 +7,9 @@ Layout under ``<root>/<run_id>/``::
     iterations/000007/theta.safetensors       meta-parameters + optimizer state at the start
     iterations/000007/pre.safetensors         collect_rollouts (pre-adaptation)
     iterations/000007/adapted.safetensors     adapt
+    iterations/000007/pre1.safetensors        with inner.fresh_episodes: the episodes of the
+    iterations/000007/adapted1.safetensors    policies adapted once and the second step, then
+                                              pre2/adapted2, ... (one pair per later step)
     iterations/000007/post.safetensors        collect_rollouts (post-adaptation)
     iterations/000007/meta_update.safetensors meta_update: new meta-parameters + optimizer state
     iterations/000007/<stage>.json            statistics and checksums of each output

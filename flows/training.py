@@ -224,12 +224,16 @@ def _rl_iteration(ctx: PipelineContext, stages: dict, it: int, state: dict,
     tasks = stages["sample_tasks"](ctx, it)
     pre = stages["collect_rollouts"](ctx, it, "pre", state, tasks)
     adapted = stages["adapt"](ctx, it, state, pre)
+    later = []  # inner steps on fresh episodes: collect with the adapted policies, step again
+    for step, phase in enumerate(ctx.learner.later_phases, start=1):
+        later.append(stages["collect_rollouts"](ctx, it, phase, adapted, tasks))
+        adapted = stages["adapt"](ctx, it, state, later[-1], step, adapted)
     post = stages["collect_rollouts"](ctx, it, "post", adapted, tasks)
-    _, _, stats = stages["meta_update"](ctx, it, state, record, pre, post)
-    pre_summary, post_summary = ctx.collected["pre"], ctx.collected["post"]
-    return {**stats, "pre_return": pre_summary["mean_return"],
-            "post_return": post_summary["mean_return"],
-            "env_steps": float(pre_summary["env_steps"] + post_summary["env_steps"])}
+    _, _, stats = stages["meta_update"](ctx, it, state, record, pre, post, tuple(later))
+    phases = ["pre", *ctx.learner.later_phases, "post"]
+    return {**stats, "pre_return": ctx.collected["pre"]["mean_return"],
+            "post_return": ctx.collected["post"]["mean_return"],
+            "env_steps": float(sum(ctx.collected[p]["env_steps"] for p in phases))}
 
 
 def _postfix(stats: dict[str, float]) -> dict[str, str]:

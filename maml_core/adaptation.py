@@ -143,6 +143,39 @@ def adapt_with_inner_step(params: Params, loss_fn: LossFn, step_size: float | Pa
     return phi, losses, inner
 
 
+def inner_step_size(step_size: float | Params, step: int) -> float | Params:
+    """The step size of inner step ``step`` (0-based) in the paper's protocol: alpha for the
+    first step, alpha / 2 for every later one (learned per-weight sizes are halved alike)."""
+    if step == 0:
+        return step_size
+    if isinstance(step_size, dict):
+        return {k: v / 2 for k, v in step_size.items()}
+    return step_size / 2
+
+
+def adapt_policy_resampled(policy, meta_params: Params, episode_sets: list[Episodes],
+                           step_size: float, first_order: bool = False,
+                           create_graph: bool | None = None,
+                           loss_fns: list[LossFn] | None = None) -> Params:
+    """Inner steps on fresh episodes: step k is one policy-gradient step on ``episode_sets[k]``
+    (sampled with the policy of step k, theta for k = 0) with ``inner_step_size(alpha, k)``.
+    Differentiable through every step (unless ``first_order``), as the evaluation adapts.
+
+    ``loss_fns`` may pass the prebuilt ``policy_gradient_loss`` of each set.
+    """
+    if not episode_sets:
+        raise ValueError("adapt_policy_resampled needs at least one episode set")
+    theta, learned = split_meta_params(meta_params)
+    alpha = learned if learned is not None else step_size
+    losses = loss_fns or [policy_gradient_loss(policy, e) for e in episode_sets]
+    phi: Params = theta
+    for k, (episodes, loss) in enumerate(zip(episode_sets, losses)):
+        phi, _, _ = adapt_with_inner_step(phi, loss, inner_step_size(alpha, k), 1, first_order,
+                                          num_tasks=episodes.num_tasks if k == 0 else None,
+                                          create_graph=create_graph)
+    return phi
+
+
 def adapt_policy(policy, meta_params: Params, episodes: Episodes, step_size: float,
                  num_steps: int = 1, first_order: bool = False,
                  create_graph: bool | None = None) -> tuple[Params, list[Tensor]]:

@@ -69,6 +69,11 @@ class InnerConfig(_Strict):
     num_steps: int = Field(1, ge=1)
     first_order: bool = False
     learn_step_size: bool = Field(False, description="Meta-SGD: learn one step size per weight")
+    fresh_episodes: bool = Field(
+        False, description="with num_steps > 1: sample fresh episodes before every inner step "
+        "(step k with the policy adapted k times, step size alpha then alpha / 2), as the "
+        "evaluation adapts, and differentiate through all steps; off: every step reuses the "
+        "pre-adaptation episodes")
 
 
 class MetaOptimizerConfig(_Strict):

@@ -13,7 +13,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from maml_core.adaptation import adapt, policy_gradient_loss, split_meta_params
+from maml_core.adaptation import (
+    adapt,
+    inner_step_size,
+    policy_gradient_loss,
+    split_meta_params,
+)
 from maml_core.advantages import process_episodes
 from maml_core.policies import Params
 from maml_core.rollouts import EnvPool, collect_episodes
@@ -44,10 +49,7 @@ def adaptation_curve(pool: EnvPool, policy, meta_params: Params, tasks: pd.DataF
         if step == steps:
             break
         process_episodes(episodes, gamma, gae_lambda, normalize_advantages)
-        alpha = learned if learned is not None else step_size
-        if step > 0:
-            alpha = ({k: v / 2 for k, v in alpha.items()} if isinstance(alpha, dict)
-                     else alpha / 2)
+        alpha = inner_step_size(learned if learned is not None else step_size, step)
         batched = params["layers.0.weight"].dim() == 3
         with torch.no_grad():
             params, _ = adapt(params, policy_gradient_loss(policy, episodes), alpha,

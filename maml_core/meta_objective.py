@@ -1,7 +1,8 @@
 """The meta-objective: the post-adaptation loss of every task, as a function of theta.
 
 It recomputes the differentiable inner step from the pre-adaptation episodes (so no autograd
-graph crosses a stage boundary) and scores the adapted policies on the post-adaptation episodes
+graph crosses a stage boundary) -- or, with inner steps on fresh episodes, each step from the
+episodes its policy sampled -- and scores the adapted policies on the post-adaptation episodes
 with one of three losses:
 
 * ``pg``: the policy-gradient loss -E[log pi_phi(a|s) A] (the paper's meta-gradient, used by
@@ -23,6 +24,7 @@ from torch import Tensor
 from maml_core.adaptation import (
     InnerStep,
     adapt_policy,
+    adapt_policy_resampled,
     adapt_policy_with_inner_step,
     masked_task_mean,
     policy_gradient_loss,
@@ -34,17 +36,28 @@ from maml_core.policies import Params
 
 @dataclass
 class MetaBatch:
-    """What one meta-update needs: pre- and post-adaptation episodes of the same tasks."""
+    """What one meta-update needs: pre- and post-adaptation episodes of the same tasks, and,
+    for inner steps on fresh episodes, the episodes of steps 2, 3, ... (``later``: sampled with
+    the policies adapted by one, two, ... steps)."""
 
     pre: Episodes
     post: Episodes
+    later: tuple[Episodes, ...] = ()
 
     def __post_init__(self):
-        if self.pre.num_tasks != self.post.num_tasks:
-            raise ValueError(f"pre-adaptation episodes have {self.pre.num_tasks} tasks but "
-                             f"post-adaptation ones {self.post.num_tasks}")
-        if self.post.advantages is None or self.pre.advantages is None:
+        self.later = tuple(self.later)
+        for name, e in (("post", self.post),
+                        *((f"inner step {k + 2}", e) for k, e in enumerate(self.later))):
+            if e.num_tasks != self.pre.num_tasks:
+                raise ValueError(f"pre-adaptation episodes have {self.pre.num_tasks} tasks but "
+                                 f"the {name} ones {e.num_tasks}")
+        if any(e.advantages is None for e in (self.pre, self.post, *self.later)):
             raise ValueError("MetaBatch needs episodes with advantages (process_episodes)")
+
+    @property
+    def inner_sets(self) -> list[Episodes]:
+        """The episodes of each inner step, in order."""
+        return [self.pre, *self.later]
 
 
 @dataclass
@@ -66,21 +79,28 @@ class MetaObjective:
         tune_allocator()
         self.policy, self.batch = policy, batch
         self.step_size, self.num_steps, self.first_order = step_size, num_steps, first_order
+        if batch.later and num_steps != 1 + len(batch.later):
+            raise ValueError(f"{num_steps} inner steps on fresh episodes need {num_steps - 1} "
+                             f"later episode sets, the batch has {len(batch.later)}")
         post = batch.post
         # Task-major copies, made once and reused by every evaluation.
         self._obs = post.task_major("observations").contiguous()
         self._actions = post.task_major("actions").contiguous()
         self._adv = post.task_major("advantages").contiguous()
         self._mask = post.task_major("masks").contiguous()
-        self._inner_loss = policy_gradient_loss(policy, batch.pre)
+        self._inner_losses = [policy_gradient_loss(policy, e) for e in batch.inner_sets]
         self.old_dist: tuple[Tensor, ...] | None = None
         self.old_log_prob: Tensor | None = None
 
     def _adapt(self, meta_params: Params, create_graph: bool | None = None
                ) -> tuple[Params, InnerStep | None]:
+        if self.batch.later:
+            return adapt_policy_resampled(self.policy, meta_params, self.batch.inner_sets,
+                                          self.step_size, self.first_order, create_graph,
+                                          self._inner_losses), None
         phi, _, inner = adapt_policy_with_inner_step(
             self.policy, meta_params, self.batch.pre, self.step_size, self.num_steps,
-            self.first_order, create_graph, loss_fn=self._inner_loss)
+            self.first_order, create_graph, loss_fn=self._inner_losses[0])
         return phi, inner
 
     def adapted(self, meta_params: Params, create_graph: bool | None = None) -> Params:
@@ -176,8 +196,13 @@ class MetaObjective:
         """Mean KL(old || new) over a subset of tasks (for subsampled Hessian-vector products)."""
         if self.old_dist is None:
             raise RuntimeError("kl_on_tasks needs set_old_policy() first")
-        phi, _ = adapt_policy(self.policy, meta_params, self.batch.pre.select_tasks(tasks),
-                              self.step_size, self.num_steps, self.first_order)
+        if self.batch.later:
+            phi = adapt_policy_resampled(self.policy, meta_params,
+                                         [e.select_tasks(tasks) for e in self.batch.inner_sets],
+                                         self.step_size, self.first_order)
+        else:
+            phi, _ = adapt_policy(self.policy, meta_params, self.batch.pre.select_tasks(tasks),
+                                  self.step_size, self.num_steps, self.first_order)
         old = tuple(d.index_select(0, tasks) for d in self.old_dist)
         dist = self.policy.distribution(phi, self._obs.index_select(0, tasks))
         return masked_task_mean(self.policy.kl(old, dist), self._mask.index_select(0, tasks)).mean()

@@ -15,7 +15,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from maml_core.adaptation import adapt_policy, init_step_sizes, split_meta_params
+from maml_core.adaptation import (
+    adapt,
+    adapt_policy,
+    init_step_sizes,
+    inner_step_size,
+    policy_gradient_loss,
+    split_meta_params,
+)
 from maml_core.advantages import process_episodes
 from maml_core.checkpoint import (
     CheckpointError,
@@ -85,22 +92,47 @@ class MetaLearner:
                                     context=f"iteration {iteration}, phase {stage!r}")
         return process_episodes(episodes, cfg.gamma, cfg.gae_lambda, cfg.normalize_advantages)
 
-    def adapt(self, pre: Episodes, meta_params: Params | None = None) -> Params:
-        """Adapted parameters (one set per task, detached) for sampling post-adaptation."""
+    @property
+    def later_phases(self) -> list[str]:
+        """The collect phases between ``pre`` and ``post`` (inner steps on fresh episodes):
+        ``pre1`` is sampled with the policies adapted once, ``pre2`` twice, ..."""
         inner = self.config.inner
+        return [f"pre{k}" for k in range(1, inner.num_steps)] if inner.fresh_episodes else []
+
+    def adapt(self, pre: Episodes, meta_params: Params | None = None) -> Params:
+        """Adapted parameters (one set per task, detached) for sampling the next phase: all
+        inner steps on ``pre``, or, with fresh episodes, the first step only
+        (``adapt_further`` takes the others)."""
+        inner = self.config.inner
+        steps = 1 if self.later_phases else inner.num_steps
         with torch.no_grad():
             phi, _ = adapt_policy(self.policy, self.detached_params(meta_params), pre,
-                                  inner.step_size, inner.num_steps, inner.first_order)
+                                  inner.step_size, steps, inner.first_order)
         return phi
 
-    def objective(self, pre: Episodes, post: Episodes) -> MetaObjective:
+    def adapt_further(self, episodes: Episodes, phi: Params, step: int,
+                      meta_params: Params | None = None) -> Params:
+        """Inner step ``step`` (1-based count of the steps already taken) on fresh episodes:
+        one step from the per-task ``phi`` with ``inner_step_size(alpha, step)``; learned step
+        sizes come from ``meta_params`` (default: the learner's)."""
+        _, learned = split_meta_params(self.detached_params(meta_params))
+        alpha = inner_step_size(learned if learned is not None else self.config.inner.step_size,
+                                step)
+        with torch.no_grad():
+            phi, _ = adapt(phi, policy_gradient_loss(self.policy, episodes), alpha)
+        return phi
+
+    def objective(self, pre: Episodes, post: Episodes,
+                  later: tuple[Episodes, ...] = ()) -> MetaObjective:
         inner = self.config.inner
-        return MetaObjective(self.policy, MetaBatch(pre, post), inner.step_size,
+        return MetaObjective(self.policy, MetaBatch(pre, post, later), inner.step_size,
                              inner.num_steps, inner.first_order)
 
-    def meta_update(self, pre: Episodes, post: Episodes) -> dict[str, float]:
-        """One meta-optimizer step on theta from pre- and post-adaptation episodes."""
-        stats = self.optimizer.step(self.objective(pre, post))
+    def meta_update(self, pre: Episodes, post: Episodes,
+                    later: tuple[Episodes, ...] = ()) -> dict[str, float]:
+        """One meta-optimizer step on theta from pre- and post-adaptation episodes (and those
+        of the later inner steps, with fresh episodes)."""
+        stats = self.optimizer.step(self.objective(pre, post, later))
         self._count_rejections(stats)
         stats["rejected_in_a_row"] = float(self.rejected_in_a_row)
         return stats
@@ -132,18 +164,29 @@ class MetaLearner:
             return self._supervised_step()
         t0 = time.perf_counter()
         tasks = self.sample_tasks(it)
+        adapting = 0.0  # everything else before the meta-update is sampling
+
+        def adapted(fn, *args):
+            nonlocal adapting
+            t = time.perf_counter()
+            out = fn(*args)
+            adapting += time.perf_counter() - t
+            return out
+
         pre = self.collect(self.meta_params, tasks, it, "pre")
-        t1 = time.perf_counter()
-        phi = self.adapt(pre)
-        t2 = time.perf_counter()
+        phi = adapted(self.adapt, pre)
+        later = []
+        for step, phase in enumerate(self.later_phases, start=1):
+            later.append(self.collect(phi, tasks, it, phase))
+            phi = adapted(self.adapt_further, later[-1], phi, step)
         post = self.collect(phi, tasks, it, "post")
         t3 = time.perf_counter()
-        stats = self.meta_update(pre, post)
+        stats = self.meta_update(pre, post, tuple(later))
         t4 = time.perf_counter()
         stats.update(pre_return=float(pre.task_returns().mean()),
                      post_return=float(post.task_returns().mean()),
-                     env_steps=float(pre.num_steps + post.num_steps),
-                     seconds_sampling=(t1 - t0) + (t3 - t2), seconds_adaptation=t2 - t1,
+                     env_steps=float(sum(e.num_steps for e in (pre, *later, post))),
+                     seconds_sampling=(t3 - t0) - adapting, seconds_adaptation=adapting,
                      seconds_meta_update=t4 - t3, seconds_iteration=t4 - t0)
         self.iteration += 1
         return IterationResult(it, stats)

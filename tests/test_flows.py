@@ -110,6 +110,64 @@ def test_stage_alone_reproduces_flow_outputs(trained, stage, extra, capsys):
     assert Path(report["output"]).is_file()
 
 
+FRESH = ("inner.num_steps=3", "inner.fresh_episodes=true", "inner.step_size=0.3")
+
+
+@pytest.fixture(scope="module")
+def trained_fresh(pipeline):
+    """A run whose three inner steps each sample fresh episodes (phases pre, pre1, pre2)."""
+    from flows.training import meta_train
+
+    return meta_train(config_path=CONFIG, overrides=small(2, *FRESH))
+
+
+def test_fresh_episode_inner_steps_run_in_the_flow_as_in_the_core_loop(trained_fresh):
+    from flows.config import load_run_config
+    from flows.store import StageStore
+    from flows.training import store_root
+    from maml_core.trainer import MetaLearner
+
+    store = StageStore(store_root(), trained_fresh["run_id"])
+    for name in ("pre", "adapted", "pre1", "adapted1", "pre2", "adapted2", "post"):
+        assert store.has(1, name), name
+    learner = MetaLearner(load_run_config(CONFIG, small(2, *FRESH)))
+    results = learner.train()
+    assert_same_params(final_params(trained_fresh["run_id"]), learner.detached_params())
+    # Every phase's env steps are counted: four episode sets per iteration.
+    from mlflow import MlflowClient
+
+    steps = MlflowClient().get_metric_history(trained_fresh["run_id"], "env_steps")
+    assert [m.value for m in sorted(steps, key=lambda m: m.step)] == \
+        [r.stats["env_steps"] for r in results]
+    post = store.load_episodes(1, "post")
+    assert results[-1].stats["env_steps"] > 3 * post.num_steps
+    learner.close()
+
+
+@pytest.mark.parametrize("stage,phase", [("collect_rollouts", "pre1"), ("adapt", "pre1"),
+                                         ("collect_rollouts", "pre2"), ("adapt", "pre2"),
+                                         ("collect_rollouts", "post"), ("meta_update", "pre")])
+def test_fresh_episode_stages_alone_reproduce_flow_outputs(trained_fresh, stage, phase,
+                                                           capsys):
+    from flows.cli import main
+
+    code = main(["stage", stage, "--run", trained_fresh["run_id"], "--iteration", "1",
+                 "--phase", phase])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["identical_to_stored"] is True, report
+
+
+def test_stage_phase_must_be_one_of_the_run(trained, capsys):
+    from flows.cli import main
+
+    code = main(["stage", "collect_rollouts", "--run", trained["run_id"], "--iteration", "2",
+                 "--phase", "pre1"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "'pre1' is not a phase of stage collect_rollouts" in err and "pre, post" in err
+
+
 def test_retried_stage_gives_the_same_result(trained, monkeypatch):
     from flows import stages
     from flows.training import meta_train
