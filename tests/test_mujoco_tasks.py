@@ -360,3 +360,25 @@ def test_ant_steps_like_the_papers_ant_and_a_random_ant_stays_up():
         lengths += alive
         alive &= ~terminated.numpy()
     assert lengths.mean() > 90, lengths
+
+
+@pytest.mark.parametrize("name", ["halfcheetah-vel", "halfcheetah-dir"])
+def test_half_cheetah_takes_the_papers_step_as_an_option(name):
+    """Default v5's 0.05 s per action; ``frame_skip: 1`` gives the rllab cheetah's 0.01 s, and
+    the same constant action then moves the cheetah through a fifth of the simulated time."""
+    column = get_task_family(name).task_params[0]
+    tasks = pd.DataFrame({"task_id": [0], column: [1.0]})
+    moved = {}
+    for skip in (5, 1):
+        family = get_task_family(name, frame_skip=skip)
+        env = family.make_env(tasks, 1, dtype=torch.float64)
+        assert env.envs[0].unwrapped.dt == pytest.approx(0.01 * skip)
+        env.reset(seed=0)
+        assert env.envs[0].unwrapped.data.time == 0.0
+        for _ in range(10):
+            env.step(torch.full((1, 6), 0.5, dtype=torch.float64))
+        moved[skip] = env.envs[0].unwrapped.data.time
+        env.close()
+    assert moved[5] == pytest.approx(0.5) and moved[1] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="frame_skip must be an integer >= 1"):
+        get_task_family(name, frame_skip=0)

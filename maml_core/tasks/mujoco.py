@@ -15,6 +15,11 @@ Four families, each a small subclass of a gymnasium v5 env whose reward depends 
   bonus is paid on every step (as in rllab, including the step on which the ant falls); the
   episode terminates when the torso height leaves [0.2, 1.0] or the state is not finite
   (v5's ``healthy_z_range``).
+* The half-cheetah steps v5's 0.05 s per action by default (``frame_skip`` 5). The paper's
+  rllab cheetah model has a 0.01 s timestep and no frame skip, so 0.01 s per action: a
+  200-step episode there is 2 s of running, here 10 s. The family option ``frame_skip: 1``
+  gives the paper's step (the paper-protocol configs use it); the default keeps v5's, on which
+  our ``-fast`` configs were trained.
 * The ant steps 0.02 s of simulated time per action (``frame_skip`` 2 of v5's 0.01 s
   timestep), the step of the paper's rllab ant model (timestep 0.02, one substep), not v5's
   default 0.05 s: at 0.05 s a random policy makes the ant hop above the 1.0 height limit
@@ -311,6 +316,8 @@ class HalfCheetahTaskEnv(_TaskReward, HalfCheetahEnv):
 
 # Substeps of v5's 0.01 s timestep per action: 0.02 s, the step of the paper's rllab ant.
 ANT_FRAME_SKIP = 2
+# HalfCheetah: v5's 5 substeps (0.05 s) by default; the paper's rllab cheetah took one (0.01 s).
+HALF_CHEETAH_FRAME_SKIP = 5
 
 
 class AntTaskEnv(_TaskReward, AntEnv):
@@ -410,8 +417,15 @@ class _HalfCheetahMixin:
     action_dim = 6
     objective: ClassVar[Objective]
 
+    def _init_frame_skip(self, frame_skip: int) -> None:
+        if isinstance(frame_skip, bool) or not isinstance(frame_skip, int | np.integer) \
+                or frame_skip < 1:
+            raise ValueError(f"frame_skip must be an integer >= 1 (substeps of 0.01 s per "
+                             f"action), got {frame_skip!r}")
+        self.frame_skip = int(frame_skip)
+
     def _env_fn(self) -> Callable[[], gymnasium.Env]:
-        return partial(HalfCheetahTaskEnv, self.objective)
+        return partial(HalfCheetahTaskEnv, self.objective, frame_skip=self.frame_skip)
 
 
 class _AntMixin:
@@ -434,22 +448,29 @@ class _AntMixin:
 
 @register_task_family
 class HalfCheetahVel(_HalfCheetahMixin, _VelocityFamily):
-    """HalfCheetah running at a target velocity; options ``low``/``high`` (default 0, 2)."""
+    """HalfCheetah running at a target velocity; options ``low``/``high`` (default 0, 2) and
+    ``frame_skip`` (default 5: v5's 0.05 s per action; 1: the paper's 0.01 s)."""
 
     name = "halfcheetah-vel"
     gym_id = "HalfCheetahVel"
     default_high = 2.0
 
-    def __init__(self, low: float | None = None, high: float | None = None):
+    def __init__(self, low: float | None = None, high: float | None = None,
+                 frame_skip: int = HALF_CHEETAH_FRAME_SKIP):
         self._init_range(low, high)
+        self._init_frame_skip(frame_skip)
 
 
 @register_task_family
 class HalfCheetahDir(_HalfCheetahMixin, _DirectionFamily):
-    """HalfCheetah running forward (+1) or backward (-1); no options."""
+    """HalfCheetah running forward (+1) or backward (-1); option ``frame_skip`` (default 5:
+    v5's 0.05 s per action; 1: the paper's 0.01 s)."""
 
     name = "halfcheetah-dir"
     gym_id = "HalfCheetahDir"
+
+    def __init__(self, frame_skip: int = HALF_CHEETAH_FRAME_SKIP):
+        self._init_frame_skip(frame_skip)
 
 
 @register_task_family
