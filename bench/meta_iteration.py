@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  seconds per meta-iteration   {result['seconds_per_iteration']:.3f} "
           f"(min {result['seconds_per_iteration_min']:.3f}, "
           f"max {result['seconds_per_iteration_max']:.3f})")
-    print(f"    sampling (pre + post)      {result['seconds_sampling']:.3f}")
+    print(f"    sampling (all phases)      {result['seconds_sampling']:.3f}")
     print(f"    adaptation                 {result['seconds_adaptation']:.3f}")
     print(f"    meta-gradient / optimizer  {result['seconds_meta_update']:.3f}")
     print(f"  rollout env steps/s          {result['env_steps_per_second']:,.0f}")

@@ -30,7 +30,7 @@ def paper_rows(family: str, path: Path = PAPER_RETURNS) -> pd.DataFrame:
 def learning_curve(history: pd.DataFrame, title: str):
     """Pre- and post-adaptation return (or MSE) per meta-iteration."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for col, label in (("pre_return", "before adaptation"), ("post_return", "after 1 step"),
+    for col, label in (("pre_return", "before adaptation"), ("post_return", "after adaptation"),
                        ("pre_mse", "before adaptation"), ("post_mse", "after adaptation")):
         if col in history:
             ax.plot(history["iteration"], history[col], label=label)

@@ -124,10 +124,12 @@ def rerun_stage(name: str, run_id: str, iteration: int, phase: str = "pre") -> d
             raise UsageError(f"stage {name} applies to RL families; {config.task.family} is "
                              "supervised")
         phases = _phases(learner)
-        if phase not in phases[:-1] + (["post"] if name == "collect_rollouts" else []):
-            allowed = phases if name == "collect_rollouts" else phases[:-1]
-            raise UsageError(f"--phase {phase!r} is not a phase of stage {name} in run "
-                             f"{run_id} (its phases: {', '.join(allowed)})")
+        allowed = {"collect_rollouts": phases, "adapt": phases[:-1]}.get(name, ["pre"])
+        if phase not in allowed:
+            raise UsageError(
+                f"--phase {phase!r} is not a phase of stage {name} in run {run_id} (its "
+                f"phases: {', '.join(allowed)})" if name in ("collect_rollouts", "adapt") else
+                f"stage {name} has no phases; leave out --phase {phase}")
         inputs = _inputs(store, name, iteration, phase, phases)
     except BaseException:
         learner.close()
@@ -176,7 +178,8 @@ def rerun_stage(name: str, run_id: str, iteration: int, phase: str = "pre") -> d
     verdict = {None: "no stored output to compare", True: "identical", False: "differs"}
     try:
         tracking.load_tracking_config().setup()
-        tracking.set_tags(run_id, {f"maml.stage_rerun.{name}.{iteration}":
+        key = f"{name}.{phase}" if name in ("collect_rollouts", "adapt") else name
+        tracking.set_tags(run_id, {f"maml.stage_rerun.{key}.{iteration}":
                                    verdict[identical]})
     except tracking.TrackingError:
         pass  # the run may live in another tracking store; the report below still says it

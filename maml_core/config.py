@@ -131,6 +131,10 @@ class MAMLConfig(_Strict):
             raise ValueError(f"task.options: {exc}{_accepted_options(self.task.family)}"
                              ) from None
         family.check_environment()  # e.g. MAML_ENV_THREADS: a clear error before any work
+        if family.kind == "supervised" and self.inner.fresh_episodes:
+            raise ValueError("inner.fresh_episodes: supervised families adapt on their "
+                             f"support set ({self.task.family} samples no episodes); leave it "
+                             "out")
         if family.kind == "supervised" and self.meta_optimizer.name == "trpo":
             raise ValueError("meta_optimizer.name: trpo needs a policy; supervised families "
                              f"({self.task.family}) take adam or sgd")

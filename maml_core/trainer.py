@@ -122,9 +122,29 @@ class MetaLearner:
             phi, _ = adapt(phi, policy_gradient_loss(self.policy, episodes), alpha)
         return phi
 
+    def adapt_all(self, pre: Episodes, tasks: pd.DataFrame, iteration: int,
+                  timed: Callable | None = None, prefix: str = ""
+                  ) -> tuple[list[Episodes], Params]:
+        """The whole inner loop from the ``pre`` episodes of ``tasks``: the fresh episode sets
+        of the later steps (phases ``prefix + pre1``, ...) and the final adapted parameters.
+        ``timed(fn, *args)``, if given, runs each adaptation step (to time them)."""
+        def run(fn, *args):
+            return timed(fn, *args) if timed is not None else fn(*args)
+
+        phi = run(self.adapt, pre)
+        later = []
+        for step, phase in enumerate(self.later_phases, start=1):
+            later.append(self.collect(phi, tasks, iteration, prefix + phase))
+            phi = run(self.adapt_further, later[-1], phi, step)
+        return later, phi
+
     def objective(self, pre: Episodes, post: Episodes,
                   later: tuple[Episodes, ...] = ()) -> MetaObjective:
         inner = self.config.inner
+        if len(later) != len(self.later_phases):
+            raise ValueError(f"the config's inner loop samples {len(self.later_phases)} later "
+                             f"episode sets ({', '.join(self.later_phases) or 'none'}), "
+                             f"{len(later)} were given")
         return MetaObjective(self.policy, MetaBatch(pre, post, later), inner.step_size,
                              inner.num_steps, inner.first_order)
 
@@ -174,11 +194,7 @@ class MetaLearner:
             return out
 
         pre = self.collect(self.meta_params, tasks, it, "pre")
-        phi = adapted(self.adapt, pre)
-        later = []
-        for step, phase in enumerate(self.later_phases, start=1):
-            later.append(self.collect(phi, tasks, it, phase))
-            phi = adapted(self.adapt_further, later[-1], phi, step)
+        later, phi = self.adapt_all(pre, tasks, it, adapted)
         post = self.collect(phi, tasks, it, "post")
         t3 = time.perf_counter()
         stats = self.meta_update(pre, post, tuple(later))
@@ -280,6 +296,7 @@ class MetaLearner:
                 f"{self.family.env_version} (its dynamics or reward changed; see "
                 "maml_core/tasks): resuming would continue on a different problem; start a "
                 "new run instead")
+        self._check_same_dynamics(manifest, path)
         self.load_params(params, f"checkpoint {str(path)!r}")
         opt_meta = dict(manifest.get("optimizer", {}))
         self.rejected_in_a_row = int(opt_meta.pop("rejected_in_a_row", 0))
@@ -289,6 +306,24 @@ class MetaLearner:
             torch.set_rng_state(manifest["rng_torch"])
         self.iteration = int(manifest["iteration"])
         return manifest
+
+    def _check_same_dynamics(self, manifest: dict, path) -> None:
+        """Refuse a checkpoint whose config gave the environment other dynamics (e.g. the
+        half-cheetah's ``frame_skip``); its stored config says what they were."""
+        from maml_core.tasks import get_task_family
+
+        task = dict(manifest.get("config", {}).get("task") or {})
+        try:
+            made = get_task_family(task.get("family", self.family.name),
+                                   **(task.get("options") or {})).dynamics()
+        except (TypeError, ValueError):
+            made = None
+        if made is not None and made != self.family.dynamics():
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was trained with {self.family.name!r} dynamics "
+                f"{made}, the config asks for {self.family.dynamics()} (task.options): "
+                "resuming would continue on a different problem; keep the checkpoint's "
+                "options or start a new run")
 
     def close(self) -> None:
         if self.pool is not None:

@@ -50,6 +50,11 @@ BAD = [
     ({"task": {"family": "navigation2d", "options": {"low": 1.0, "high": 0.0}}}, [],
      r"task\.options: navigation2d needs low < high"),
     ({}, ["task.options.max_action=-0.1"], r"task\.options: .*max_action > 0"),
+    ({"task": {"family": "sinusoid"}, "meta_optimizer": {"name": "adam"}},
+     ["inner.num_steps=2", "inner.fresh_episodes=true"],
+     r"inner\.fresh_episodes: supervised families adapt on their support set"),
+    ({"task": {"family": "halfcheetah-dir"}}, ["task.options.frame_skip=0"],
+     r"task\.options: frame_skip must be an integer >= 1"),
 ]
 
 

@@ -170,6 +170,24 @@ def test_checkpoint_of_another_environment_version_is_refused(saved, tmp_path):
     ant.close()
 
 
+def test_checkpoint_trained_with_other_dynamics_options_is_refused(tmp_path):
+    """The half-cheetah's frame_skip changes its physics: a checkpoint made at v5's 0.05 s per
+    action (the default, also when its config named no option) does not resume at 0.01 s."""
+    def config(**options):
+        return build_config({"seed": 7, "task": {"family": "halfcheetah-dir",
+                                                 "options": options},
+                             "policy": {"hidden_sizes": [4]},
+                             "meta_optimizer": {"name": "adam"}})
+
+    made = MetaLearner(config())
+    path = made.save(tmp_path / "cheetah")
+    made.close()
+    MetaLearner(config(frame_skip=5)).restore(path)  # the default, named: the same physics
+    with pytest.raises(CheckpointError, match=r"dynamics \{'frame_skip': 5\}, the config asks "
+                       r"for \{'frame_skip': 1\}"):
+        MetaLearner(config(frame_skip=1)).restore(path)
+
+
 class _Payload:
     """Unpickling this creates ``marker``: proof that the pickle was executed."""
 

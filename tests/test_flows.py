@@ -166,6 +166,9 @@ def test_stage_phase_must_be_one_of_the_run(trained, capsys):
     assert code != 0
     err = capsys.readouterr().err
     assert "'pre1' is not a phase of stage collect_rollouts" in err and "pre, post" in err
+    code = main(["stage", "evaluate", "--run", trained["run_id"], "--iteration", "2",
+                 "--phase", "post"])
+    assert code != 0 and "stage evaluate has no phases" in capsys.readouterr().err
 
 
 def test_retried_stage_gives_the_same_result(trained, monkeypatch):

@@ -310,6 +310,9 @@ def test_learner_with_fresh_episodes_samples_each_inner_step_anew():
     for k, v in phi.items():
         torch.testing.assert_close(value.adapted[k].detach(), v, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(ref[k].detach(), v, rtol=1e-10, atol=1e-12)
+    # Without the later sets the objective would be another one: refused.
+    with pytest.raises(ValueError, match="samples 2 later episode sets \\(pre1, pre2\\), 0"):
+        learner.objective(sets[0], post)
     # A meta-iteration runs exactly these phases: its figures are those of the sets above.
     stats = learner.step().stats
     assert stats["env_steps"] == sum(e.num_steps for e in (*sets, post))

@@ -119,6 +119,11 @@ class TaskFamily(ABC):
     action_dim: int = 0
     num_actions: int = 0
 
+    def dynamics(self) -> dict[str, Any]:
+        """The options that change the environment's dynamics or reward (not the task
+        distribution): a checkpoint resumes only where they are the same (``restore``)."""
+        return {}
+
     def __init__(self, **kwargs: Any):
         if kwargs:
             raise ValueError(f"task family {self.name!r} takes no options; got {sorted(kwargs)}")

@@ -427,6 +427,9 @@ class _HalfCheetahMixin:
     def _env_fn(self) -> Callable[[], gymnasium.Env]:
         return partial(HalfCheetahTaskEnv, self.objective, frame_skip=self.frame_skip)
 
+    def dynamics(self) -> dict[str, Any]:
+        return {"frame_skip": self.frame_skip}
+
 
 class _AntMixin:
     observation_dim = 27
