@@ -259,7 +259,25 @@ def _runs_list(runs: list[ReportRun]) -> list[str]:
         for _, iteration, command in r.resumes:
             lines.append(f"  - resumed at iteration {iteration}: "
                          + (_code(command) if command else f"command {NO_COMMAND}"))
-    return [*lines, ""]
+    return [*lines, "", *_options_note(runs)]
+
+
+def _task_options(run) -> dict[str, str]:
+    prefix = "task.options."
+    return {k[len(prefix):]: v for k, v in run.data.params.items() if k.startswith(prefix)}
+
+
+def _options_note(runs: list[ReportRun]) -> list[str]:
+    """A warning when the runs of a section were made with different task options (e.g. the
+    half-cheetah's frame_skip): their rows are then not results on the same problem."""
+    options = {r.label: _task_options(r.run) for r in runs}
+    if len({tuple(sorted(o.items())) for o in options.values()}) <= 1:
+        return []
+    listed = "; ".join(f"{label}: {', '.join(f'{k}={v}' for k, v in sorted(o.items()))}"
+                       if o else f"{label}: the family's defaults"
+                       for label, o in options.items())
+    return [f"**These runs were made with different task options** ({listed}): compare rows "
+            "made with the same options only.", ""]
 
 
 def _cost_lines(runs: list[ReportRun]) -> list[str]:

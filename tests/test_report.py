@@ -188,6 +188,10 @@ def test_report_shows_a_second_maml_run_of_a_family_beside_the_first(store, tmp_
         summary = tracking.read_table(second.info.run_id, "evaluation/summary.csv")
         row = next(line for line in text.splitlines() if line.startswith(f"| {label} | 1 |"))
         assert f"| {summary['mean_return'][1]:.2f} |" in row
+        # The two configs differ in a task option: the section says so.
+        assert ("**These runs were made with different task options** (maml: the family's "
+                "defaults; " + label + ": normalized_actions=true; oracle: the family's "
+                "defaults)") in text
         curves = sorted(p.name for p in (tmp_path / "r").glob("*learning-curve.png"))
         assert len(curves) == 2 and "navigation2d-learning-curve.png" in curves, curves
     finally:
