@@ -303,9 +303,9 @@ def test_repeated_rejections_stop_the_run_without_retries(pipeline, monkeypatch)
     calls = []
     real = MetaLearner.meta_update
 
-    def counted(self, pre, post):
+    def counted(self, pre, post, later=()):
         calls.append(self.iteration)
-        return real(self, pre, post)
+        return real(self, pre, post, later)
 
     monkeypatch.setattr(MetaLearner, "meta_update", counted)
     arm("huge", [0, 1, 2, 3], "post", times=100)
