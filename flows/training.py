@@ -260,7 +260,7 @@ def _log_outputs(run_id: str, learner: MetaLearner, config: RunConfig, curve: pd
     if family == "navigation2d":
         tasks = held_out.head(4)
         before = learner.collect(learner.meta_params, tasks, 0, "plot")
-        _, adapted = learner.adapt_all(before, tasks, 0, prefix="plot-")
+        _, adapted, _ = learner.adapt_all(before, tasks, 0, prefix="plot-")
         after = learner.collect(adapted, tasks, 0, "plot-adapted")
         tracking.log_figure(run_id, plots.navigation_trajectories(tasks, before, after),
                             "plots/navigation_trajectories.png")

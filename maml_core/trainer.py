@@ -122,21 +122,21 @@ class MetaLearner:
             phi, _ = adapt(phi, policy_gradient_loss(self.policy, episodes), alpha)
         return phi
 
-    def adapt_all(self, pre: Episodes, tasks: pd.DataFrame, iteration: int,
-                  timed: Callable | None = None, prefix: str = ""
-                  ) -> tuple[list[Episodes], Params]:
+    def adapt_all(self, pre: Episodes, tasks: pd.DataFrame, iteration: int, prefix: str = ""
+                  ) -> tuple[list[Episodes], Params, float]:
         """The whole inner loop from the ``pre`` episodes of ``tasks``: the fresh episode sets
-        of the later steps (phases ``prefix + pre1``, ...) and the final adapted parameters.
-        ``timed(fn, *args)``, if given, runs each adaptation step (to time them)."""
-        def run(fn, *args):
-            return timed(fn, *args) if timed is not None else fn(*args)
-
-        phi = run(self.adapt, pre)
+        of the later steps (phases ``prefix + pre1``, ...), the final adapted parameters and
+        the seconds spent adapting (the rest is sampling)."""
+        t = time.perf_counter()
+        phi = self.adapt(pre)
+        seconds = time.perf_counter() - t
         later = []
         for step, phase in enumerate(self.later_phases, start=1):
             later.append(self.collect(phi, tasks, iteration, prefix + phase))
-            phi = run(self.adapt_further, later[-1], phi, step)
-        return later, phi
+            t = time.perf_counter()
+            phi = self.adapt_further(later[-1], phi, step)
+            seconds += time.perf_counter() - t
+        return later, phi, seconds
 
     def objective(self, pre: Episodes, post: Episodes,
                   later: tuple[Episodes, ...] = ()) -> MetaObjective:
@@ -184,17 +184,8 @@ class MetaLearner:
             return self._supervised_step()
         t0 = time.perf_counter()
         tasks = self.sample_tasks(it)
-        adapting = 0.0  # everything else before the meta-update is sampling
-
-        def adapted(fn, *args):
-            nonlocal adapting
-            t = time.perf_counter()
-            out = fn(*args)
-            adapting += time.perf_counter() - t
-            return out
-
         pre = self.collect(self.meta_params, tasks, it, "pre")
-        later, phi = self.adapt_all(pre, tasks, it, adapted)
+        later, phi, adapting = self.adapt_all(pre, tasks, it)
         post = self.collect(phi, tasks, it, "post")
         t3 = time.perf_counter()
         stats = self.meta_update(pre, post, tuple(later))
