@@ -55,6 +55,8 @@ BAD = [
      r"inner\.fresh_episodes: supervised families adapt on their support set"),
     ({"task": {"family": "halfcheetah-dir"}}, ["task.options.frame_skip=0"],
      r"task\.options: frame_skip must be an integer >= 1"),
+    ({"task": {"family": "halfcheetah-vel"}}, ["task.options.torso_com=yes please"],
+     r"task\.options: torso_com must be True or False"),
 ]
 
 

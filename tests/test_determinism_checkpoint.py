@@ -183,8 +183,8 @@ def test_checkpoint_trained_with_other_dynamics_options_is_refused(tmp_path):
     path = made.save(tmp_path / "cheetah")
     made.close()
     MetaLearner(config(frame_skip=5)).restore(path)  # the default, named: the same physics
-    with pytest.raises(CheckpointError, match=r"dynamics \{'frame_skip': 5\}, the config asks "
-                       r"for \{'frame_skip': 1\}"):
+    with pytest.raises(CheckpointError, match=r"dynamics \{'frame_skip': 5, 'torso_com': False\}, "
+                       r"the config asks for \{'frame_skip': 1, 'torso_com': False\}"):
         MetaLearner(config(frame_skip=1)).restore(path)
 
 

@@ -382,3 +382,34 @@ def test_half_cheetah_takes_the_papers_step_as_an_option(name):
     assert moved[5] == pytest.approx(0.5) and moved[1] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="frame_skip must be an integer >= 1"):
         get_task_family(name, frame_skip=0)
+
+
+@pytest.mark.parametrize("name", ["halfcheetah-vel", "halfcheetah-dir"])
+def test_half_cheetah_observes_its_centre_of_mass_as_an_option(name):
+    """``torso_com: true`` appends the paper's rllab ``get_body_com("torso")``: the centre of
+    mass of the torso's subtree (the whole cheetah), recomputed here from the bodies' masses and
+    positions; the first 17 entries stay v5's observation."""
+    column = get_task_family(name).task_params[0]
+    tasks = pd.DataFrame({"task_id": [0], column: [1.0]})
+    plain, with_com = (get_task_family(name, frame_skip=1, torso_com=flag)
+                       for flag in (False, True))
+    assert (plain.observation_dim, with_com.observation_dim) == (17, 20)
+    assert with_com.dynamics() == {"frame_skip": 1, "torso_com": True}
+    envs = [family.make_env(tasks, 1, dtype=torch.float64) for family in (plain, with_com)]
+    assert envs[1].single_observation_space.shape == (20,)
+    observations = [env.reset(seed=3)[0] for env in envs]
+    for _ in range(30):
+        action = torch.full((1, 6), 0.7, dtype=torch.float64)
+        cheetah = envs[1].envs[0].unwrapped
+        # MuJoCo computes positions before integrating: the observation after a step shows the
+        # centre of mass of the state the step started from.
+        mass = cheetah.model.body_mass[1:]
+        com = (mass[:, None] * cheetah.data.xipos[1:]).sum(axis=0) / mass.sum()
+        torch.testing.assert_close(observations[1][0, -3:], torch.as_tensor(com))
+        torch.testing.assert_close(observations[1][:, :17], observations[0])
+        observations = [env.step(action)[0] for env in envs]
+    assert observations[1][0, -3] > 0.05  # the x of the centre of mass grows as it runs
+    for env in envs:
+        env.close()
+    with pytest.raises(ValueError, match="torso_com must be True or False"):
+        get_task_family(name, torso_com="yes")

@@ -29,7 +29,10 @@ Four families, each a small subclass of a gymnasium v5 env whose reward depends 
 ``info["x_velocity"]``), not MuJoCo's ``qvel``; ``a`` is the action actually applied, i.e.
 clipped to the action space by ``GymTaskVectorEnv`` before stepping.
 
-Observations are v5's defaults without the x/y position (HalfCheetah: 17 dims). For the ant,
+Observations are v5's defaults without the x/y position (HalfCheetah: 17 dims). The paper's
+cheetah also observed its centre of mass (rllab's ``get_body_com("torso")``: x, y, z of the
+torso's subtree, so the x position it has run); the half-cheetah option ``torso_com: true``
+appends it (20 dims). For the ant,
 the 78 external contact forces (``cfrc_ext``) are left out of the observation by default
 (27 dims instead of 105): they are mostly zeros with occasional spikes, and a smaller input
 keeps the policy small. (rllab's ant did observe them, clipped.) Pass
@@ -287,10 +290,23 @@ class HalfCheetahTaskEnv(_TaskReward, HalfCheetahEnv):
     """HalfCheetah-v5 with reward ``forward_reward(v) - ctrl_cost_weight * |a|^2``."""
 
     def __init__(self, objective: Objective = "velocity", ctrl_cost_weight: float = 0.05,
-                 **kwargs: Any):
+                 torso_com: bool = False, **kwargs: Any):
         self._init_task(objective)
+        self._torso_com = bool(torso_com)
         HalfCheetahEnv.__init__(self, ctrl_cost_weight=ctrl_cost_weight, **kwargs)
-        utils.EzPickle.__init__(self, objective, ctrl_cost_weight, **kwargs)
+        utils.EzPickle.__init__(self, objective, ctrl_cost_weight, torso_com, **kwargs)
+        if self._torso_com:
+            self._torso_id = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, "torso")
+            size = self.observation_space.shape[0] + 3
+            self.observation_space = spaces.Box(-np.inf, np.inf, (size,), np.float64)
+
+    def _get_obs(self) -> np.ndarray:
+        observation = super()._get_obs()
+        if not self._torso_com:
+            return observation
+        # rllab's get_body_com("torso"): the centre of mass of the torso's subtree (the whole
+        # cheetah), x included, as MuJoCo last computed it (before the step's integration).
+        return np.concatenate((observation, self.data.subtree_com[self._torso_id]))
 
     def _get_rew(self, x_velocity: float, action: np.ndarray) -> tuple[float, dict[str, float]]:
         forward = self.forward_reward(x_velocity)
@@ -417,18 +433,23 @@ class _HalfCheetahMixin:
     action_dim = 6
     objective: ClassVar[Objective]
 
-    def _init_frame_skip(self, frame_skip: int) -> None:
+    def _init_cheetah(self, frame_skip: int, torso_com: bool) -> None:
         if isinstance(frame_skip, bool) or not isinstance(frame_skip, int | np.integer) \
                 or frame_skip < 1:
             raise ValueError(f"frame_skip must be an integer >= 1 (substeps of 0.01 s per "
                              f"action), got {frame_skip!r}")
+        if not isinstance(torso_com, bool | np.bool_):
+            raise ValueError(f"torso_com must be True or False, got {torso_com!r}")
         self.frame_skip = int(frame_skip)
+        self.torso_com = bool(torso_com)
+        self.observation_dim = 17 + 3 * self.torso_com
 
     def _env_fn(self) -> Callable[[], gymnasium.Env]:
-        return partial(HalfCheetahTaskEnv, self.objective, frame_skip=self.frame_skip)
+        return partial(HalfCheetahTaskEnv, self.objective, frame_skip=self.frame_skip,
+                       torso_com=self.torso_com)
 
     def dynamics(self) -> dict[str, Any]:
-        return {"frame_skip": self.frame_skip}
+        return {"frame_skip": self.frame_skip, "torso_com": self.torso_com}
 
 
 class _AntMixin:
@@ -451,29 +472,30 @@ class _AntMixin:
 
 @register_task_family
 class HalfCheetahVel(_HalfCheetahMixin, _VelocityFamily):
-    """HalfCheetah running at a target velocity; options ``low``/``high`` (default 0, 2) and
-    ``frame_skip`` (default 5: v5's 0.05 s per action; 1: the paper's 0.01 s)."""
+    """HalfCheetah running at a target velocity; options ``low``/``high`` (default 0, 2),
+    ``frame_skip`` (default 5: v5's 0.05 s per action; 1: the paper's 0.01 s) and ``torso_com``
+    (default False; True appends the cheetah's centre of mass, as the paper's observation did)."""
 
     name = "halfcheetah-vel"
     gym_id = "HalfCheetahVel"
     default_high = 2.0
 
     def __init__(self, low: float | None = None, high: float | None = None,
-                 frame_skip: int = HALF_CHEETAH_FRAME_SKIP):
+                 frame_skip: int = HALF_CHEETAH_FRAME_SKIP, torso_com: bool = False):
         self._init_range(low, high)
-        self._init_frame_skip(frame_skip)
+        self._init_cheetah(frame_skip, torso_com)
 
 
 @register_task_family
 class HalfCheetahDir(_HalfCheetahMixin, _DirectionFamily):
-    """HalfCheetah running forward (+1) or backward (-1); option ``frame_skip`` (default 5:
-    v5's 0.05 s per action; 1: the paper's 0.01 s)."""
+    """HalfCheetah running forward (+1) or backward (-1); options ``frame_skip`` (default 5:
+    v5's 0.05 s per action; 1: the paper's 0.01 s) and ``torso_com`` (as for halfcheetah-vel)."""
 
     name = "halfcheetah-dir"
     gym_id = "HalfCheetahDir"
 
-    def __init__(self, frame_skip: int = HALF_CHEETAH_FRAME_SKIP):
-        self._init_frame_skip(frame_skip)
+    def __init__(self, frame_skip: int = HALF_CHEETAH_FRAME_SKIP, torso_com: bool = False):
+        self._init_cheetah(frame_skip, torso_com)
 
 
 @register_task_family
