@@ -387,8 +387,10 @@ def test_half_cheetah_takes_the_papers_step_as_an_option(name):
 @pytest.mark.parametrize("name", ["halfcheetah-vel", "halfcheetah-dir"])
 def test_half_cheetah_observes_its_centre_of_mass_as_an_option(name):
     """``torso_com: true`` appends the paper's rllab ``get_body_com("torso")``: the centre of
-    mass of the torso's subtree (the whole cheetah), recomputed here from the bodies' masses and
-    positions; the first 17 entries stay v5's observation."""
+    mass of the torso's subtree (the whole cheetah) in the state each step ended in, recomputed
+    here from the bodies' masses and positions; the first 17 entries stay v5's observation."""
+    import mujoco
+
     column = get_task_family(name).task_params[0]
     tasks = pd.DataFrame({"task_id": [0], column: [1.0]})
     plain, with_com = (get_task_family(name, frame_skip=1, torso_com=flag)
@@ -398,15 +400,16 @@ def test_half_cheetah_observes_its_centre_of_mass_as_an_option(name):
     envs = [family.make_env(tasks, 1, dtype=torch.float64) for family in (plain, with_com)]
     assert envs[1].single_observation_space.shape == (20,)
     observations = [env.reset(seed=3)[0] for env in envs]
+    cheetah = envs[1].envs[0].unwrapped
     for _ in range(30):
-        action = torch.full((1, 6), 0.7, dtype=torch.float64)
-        cheetah = envs[1].envs[0].unwrapped
-        # MuJoCo computes positions before integrating: the observation after a step shows the
-        # centre of mass of the state the step started from.
+        fresh = mujoco.MjData(cheetah.model)  # positions of the current state, from scratch
+        fresh.qpos[:] = cheetah.data.qpos
+        mujoco.mj_kinematics(cheetah.model, fresh)
         mass = cheetah.model.body_mass[1:]
-        com = (mass[:, None] * cheetah.data.xipos[1:]).sum(axis=0) / mass.sum()
+        com = (mass[:, None] * fresh.xipos[1:]).sum(axis=0) / mass.sum()
         torch.testing.assert_close(observations[1][0, -3:], torch.as_tensor(com))
         torch.testing.assert_close(observations[1][:, :17], observations[0])
+        action = torch.full((1, 6), 0.7, dtype=torch.float64)
         observations = [env.step(action)[0] for env in envs]
     assert observations[1][0, -3] > 0.05  # the x of the centre of mass grows as it runs
     for env in envs:

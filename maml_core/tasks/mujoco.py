@@ -305,7 +305,10 @@ class HalfCheetahTaskEnv(_TaskReward, HalfCheetahEnv):
         if not self._torso_com:
             return observation
         # rllab's get_body_com("torso"): the centre of mass of the torso's subtree (the whole
-        # cheetah), x included, as MuJoCo last computed it (before the step's integration).
+        # cheetah), x included. mj_step computes positions before it integrates, so recompute
+        # them for the state the step ended in, as rllab's model.forward() after stepping did.
+        mujoco.mj_kinematics(self.model, self.data)
+        mujoco.mj_comPos(self.model, self.data)
         return np.concatenate((observation, self.data.subtree_com[self._torso_id]))
 
     def _get_rew(self, x_velocity: float, action: np.ndarray) -> tuple[float, dict[str, float]]:
