@@ -66,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                     metavar="F", help="only these task families")
     rp.add_argument("--run", dest="run_ids", action="extend", nargs="+", default=[],
                     metavar="RUN_ID", help="use these meta-train/baseline runs instead of the "
-                    "latest of their family and method; a second meta-train run of a family "
-                    "is shown beside the first as 'maml (<its config>)'")
+                    "latest of their family and method; a second run of a family and method "
+                    "is shown beside the first as '<method> (<its config>)'")
 
     r = sub.add_parser("retrain", help="warm-start from the champion, train, promote if better")
     r.add_argument("config")

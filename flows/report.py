@@ -4,11 +4,11 @@ Which runs: per task family, MAML is the latest FINISHED run tagged ``maml.kind=
 and each baseline (pretrained, random, oracle) the latest FINISHED run tagged
 ``maml.kind=baseline`` with that ``maml.method``; supervised families (sinusoid) keep one run
 per method and K (the run's ``k_shot`` param). Runs given with ``--run`` take their place
-(whatever their status), the others are still picked as above. A second meta-train run of a
-family given with ``--run`` is shown beside the first as ``maml (<config>)``, e.g. our best
-config next to the paper's protocol. Our numbers come from each run's
-``evaluation/summary.csv`` artifact (mean and 95% CI over the held-out tasks per adaptation
-step), the paper's from ``data/maml_paper_rl_returns.csv``.
+(whatever their status), the others are still picked as above. A second run of a family and
+method given with ``--run`` is shown beside the first as ``<method> (<config>)``, e.g. our best
+config next to the paper's protocol, or a baseline adapted with another step size. Our numbers
+come from each run's ``evaluation/summary.csv`` artifact (mean and 95% CI over the held-out
+tasks per adaptation step), the paper's from ``data/maml_paper_rl_returns.csv``.
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ def _method(run) -> str:
     return "maml" if tags.get("maml.kind") == "meta-train" else tags.get("maml.method", "?")
 
 
-def _variant(run) -> str:
-    """``maml (<config>)``: the config file's stem and the ``--set`` overrides in the run's
-    recorded command (the run id's start where it recorded none)."""
+def _variant(run, method: str) -> str:
+    """``<method> (<config>)``: the config file's stem, the ``--set`` overrides and the
+    ``--pretrain-iterations``/``--init-model`` of the run's recorded command (the run id's
+    start where it recorded none)."""
     try:
         words = shlex.split(run.data.tags.get(tracking.TAG_COMMAND) or "")
     except ValueError:
@@ -86,7 +87,9 @@ def _variant(run) -> str:
     parts = [Path(w).stem for w in words if w.endswith((".yaml", ".yml"))][:1]
     parts += [value for flag, value in itertools.pairwise(words) if flag == "--set"]
     parts += [w.split("=", 1)[1] for w in words if w.startswith("--set=")]
-    return f"maml ({', '.join(parts) or run.info.run_id[:8]})"
+    parts += [f"{flag[2:]}={value}" for flag, value in itertools.pairwise(words)
+              if flag in ("--pretrain-iterations", "--init-model")]
+    return f"{method} ({', '.join(parts) or run.info.run_id[:8]})"
 
 
 def _slot(run) -> tuple[str, str, int | None]:
@@ -117,8 +120,8 @@ def select_runs(families: list[str] | None = None, run_ids: list[str] | None = N
         if families and slot[0] not in families:
             raise UsageError(f"--run {run_id} is a {slot[0]} run, but --family asks for "
                              f"{', '.join(families)} only; add --family {slot[0]}")
-        if slot in chosen and slot[1] == "maml":
-            slot = (slot[0], _variant(run), slot[2])
+        if slot in chosen:  # a second run of a family and method: a variant beside the first
+            slot = (slot[0], _variant(run, slot[1]), slot[2])
         if slot in chosen:
             raise UsageError(f"--run {chosen[slot].id} and --run {run_id} are both the "
                              f"{slot[1]} run of {slot[0]}; give one of them")
@@ -194,7 +197,7 @@ def rl_table(family: str, runs: dict[str, ReportRun]) -> pd.DataFrame:
     paper = plots.paper_rows(family)
     others = sorted(m for m in runs if m not in METHODS)
     methods = []
-    for m in METHODS:  # each method, then its variants ("maml (<config>)")
+    for m in METHODS:  # each method, then its variants ("maml (<config>)", "random (...)")
         if m in runs or m in set(paper["method"]):
             methods.append(m)
         methods += [o for o in others if o.startswith(f"{m} (")]

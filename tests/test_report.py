@@ -160,6 +160,37 @@ def test_report_bad_input(store, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "README.md").exists()
 
 
+def test_report_shows_a_second_baseline_run_of_a_method_beside_the_first(store, tmp_path):
+    """Two oracle runs of navigation2d given with --run: the second is a row group of its own,
+    'oracle (<config, overrides>)', with its own numbers."""
+    import mlflow
+
+    from flows import tracking
+    from flows.cli import main
+    from flows.report import write_report
+
+    first = store["runs"]["baseline"].info.run_id
+    again = ["baseline", NAV, "--method", "oracle", *_sets(), "--set", "evaluation.seed=5"]
+    assert main(again) == 0
+    tracking.load_tracking_config().setup()
+    (second,) = [r for r in tracking.search_runs() if r.info.run_id != first
+                 and r.data.tags["maml.kind"] == "baseline"]
+    try:
+        label = f"oracle (navigation2d, {', '.join([*TINY, 'evaluation.seed=5'])})"
+        report = write_report(tmp_path / "r", run_ids=[first, second.info.run_id])
+        assert report["runs"][("navigation2d", "oracle", None)] == first
+        assert report["runs"][("navigation2d", label, None)] == second.info.run_id
+        text = Path(report["path"]).read_text()
+        summaries = [tracking.read_table(run_id, "evaluation/summary.csv")
+                     for run_id in (first, second.info.run_id)]
+        assert summaries[0]["mean_return"][0] != summaries[1]["mean_return"][0]
+        for summary, name in zip(summaries, ("oracle", label), strict=True):
+            row = next(line for line in text.splitlines() if line.startswith(f"| {name} | 0 |"))
+            assert f"| {summary['mean_return'][0]:.2f} |" in row
+    finally:
+        mlflow.MlflowClient().delete_run(second.info.run_id)
+
+
 def test_report_shows_a_second_maml_run_of_a_family_beside_the_first(store, tmp_path):
     """Two meta-train runs of navigation2d given with --run: the second gets a row group of its
     own, labelled by its config and overrides, and a learning curve of its own."""
