@@ -4,6 +4,7 @@ their own."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import time
 import uuid
@@ -160,22 +161,34 @@ def test_report_bad_input(store, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "README.md").exists()
 
 
-def test_report_shows_a_second_baseline_run_of_a_method_beside_the_first(store, tmp_path):
-    """Two oracle runs of navigation2d given with --run: the second is a row group of its own,
-    'oracle (<config, overrides>)', with its own numbers."""
+@contextlib.contextmanager
+def _second_run(store, kind: str, argv: list[str]):
+    """Make one more ``kind`` run with ``argv`` through the command line; yields (the store's
+    run id of that kind, the new run) and deletes the new run afterwards."""
     import mlflow
 
     from flows import tracking
     from flows.cli import main
+
+    assert main(argv) == 0
+    tracking.load_tracking_config().setup()
+    first = store["runs"][kind].info.run_id
+    (second,) = [r for r in tracking.search_runs() if r.info.run_id != first
+                 and r.data.tags["maml.kind"] == kind]
+    try:
+        yield first, second
+    finally:
+        mlflow.MlflowClient().delete_run(second.info.run_id)
+
+
+def test_report_shows_a_second_baseline_run_of_a_method_beside_the_first(store, tmp_path):
+    """Two oracle runs of navigation2d given with --run: the second is a row group of its own,
+    'oracle (<config, overrides>)', with its own numbers."""
+    from flows import tracking
     from flows.report import write_report
 
-    first = store["runs"]["baseline"].info.run_id
     again = ["baseline", NAV, "--method", "oracle", *_sets(), "--set", "evaluation.seed=5"]
-    assert main(again) == 0
-    tracking.load_tracking_config().setup()
-    (second,) = [r for r in tracking.search_runs() if r.info.run_id != first
-                 and r.data.tags["maml.kind"] == "baseline"]
-    try:
+    with _second_run(store, "baseline", again) as (first, second):
         label = f"oracle (navigation2d, {', '.join([*TINY, 'evaluation.seed=5'])})"
         report = write_report(tmp_path / "r", run_ids=[first, second.info.run_id])
         assert report["runs"][("navigation2d", "oracle", None)] == first
@@ -187,27 +200,17 @@ def test_report_shows_a_second_baseline_run_of_a_method_beside_the_first(store, 
         for summary, name in zip(summaries, ("oracle", label), strict=True):
             row = next(line for line in text.splitlines() if line.startswith(f"| {name} | 0 |"))
             assert f"| {summary['mean_return'][0]:.2f} |" in row
-    finally:
-        mlflow.MlflowClient().delete_run(second.info.run_id)
 
 
 def test_report_shows_a_second_maml_run_of_a_family_beside_the_first(store, tmp_path):
     """Two meta-train runs of navigation2d given with --run: the second gets a row group of its
     own, labelled by its config and overrides, and a learning curve of its own."""
-    import mlflow
-
     from flows import tracking
-    from flows.cli import main
     from flows.report import write_report
 
     fast = str(ROOT / "configs" / "navigation2d-fast.yaml")
     argv = ["train", fast, *_sets(), "--set", "inner.step_size=0.3"]
-    assert main(argv) == 0
-    tracking.load_tracking_config().setup()
-    first = store["runs"]["meta-train"].info.run_id
-    (second,) = [r for r in tracking.search_runs() if r.info.run_id != first
-                 and r.data.tags["maml.kind"] == "meta-train"]
-    try:
+    with _second_run(store, "meta-train", argv) as (first, second):
         label = f"maml (navigation2d-fast, {', '.join([*TINY, 'inner.step_size=0.3'])})"
         report = write_report(tmp_path / "r", run_ids=[first, second.info.run_id])
         assert report["runs"][("navigation2d", "maml", None)] == first
@@ -225,5 +228,3 @@ def test_report_shows_a_second_maml_run_of_a_family_beside_the_first(store, tmp_
                 "defaults)") in text
         curves = sorted(p.name for p in (tmp_path / "r").glob("*learning-curve.png"))
         assert len(curves) == 2 and "navigation2d-learning-curve.png" in curves, curves
-    finally:
-        mlflow.MlflowClient().delete_run(second.info.run_id)

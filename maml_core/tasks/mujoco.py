@@ -445,7 +445,7 @@ class _HalfCheetahMixin:
             raise ValueError(f"torso_com must be True or False, got {torso_com!r}")
         self.frame_skip = int(frame_skip)
         self.torso_com = bool(torso_com)
-        self.observation_dim = 17 + 3 * self.torso_com
+        self.observation_dim = _HalfCheetahMixin.observation_dim + 3 * self.torso_com
 
     def _env_fn(self) -> Callable[[], gymnasium.Env]:
         return partial(HalfCheetahTaskEnv, self.objective, frame_skip=self.frame_skip,
