@@ -183,8 +183,9 @@ def test_checkpoint_trained_with_other_dynamics_options_is_refused(tmp_path):
     path = made.save(tmp_path / "cheetah")
     made.close()
     MetaLearner(config(frame_skip=5)).restore(path)  # the default, named: the same physics
-    with pytest.raises(CheckpointError, match=r"dynamics \{'frame_skip': 5, 'torso_com': False\}, "
-                       r"the config asks for \{'frame_skip': 1, 'torso_com': False\}"):
+    with pytest.raises(CheckpointError, match=r"dynamics \{'frame_skip': 5, 'torso_com': False, "
+                       r"'com_velocity': False\}, the config asks for \{'frame_skip': 1, "
+                       r"'torso_com': False, 'com_velocity': False\}"):
         MetaLearner(config(frame_skip=1)).restore(path)
 
 

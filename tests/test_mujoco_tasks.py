@@ -396,7 +396,7 @@ def test_half_cheetah_observes_its_centre_of_mass_as_an_option(name):
     plain, with_com = (get_task_family(name, frame_skip=1, torso_com=flag)
                        for flag in (False, True))
     assert (plain.observation_dim, with_com.observation_dim) == (17, 20)
-    assert with_com.dynamics() == {"frame_skip": 1, "torso_com": True}
+    assert with_com.dynamics() == {"frame_skip": 1, "torso_com": True, "com_velocity": False}
     envs = [family.make_env(tasks, 1, dtype=torch.float64) for family in (plain, with_com)]
     assert envs[1].single_observation_space.shape == (20,)
     observations = [env.reset(seed=3)[0] for env in envs]
@@ -416,3 +416,45 @@ def test_half_cheetah_observes_its_centre_of_mass_as_an_option(name):
         env.close()
     with pytest.raises(ValueError, match="torso_com must be True or False"):
         get_task_family(name, torso_com="yes")
+
+
+@pytest.mark.parametrize("name", ["halfcheetah-vel", "halfcheetah-dir"])
+def test_half_cheetah_rewards_its_centre_of_mass_velocity_as_an_option(name):
+    """``com_velocity: true`` pays for the velocity the paper's rllab reward read
+    (``get_body_comvel("torso")``): the cheetah's linear momentum over its mass, in the state
+    the step ended in. Recomputed here body by body from a fresh ``MjData``, as rllab did."""
+    import mujoco
+
+    column = get_task_family(name).task_params[0]
+    target = 1.0 if name.endswith("vel") else -1.0
+    tasks = pd.DataFrame({"task_id": [0], column: [target]})
+    plain, by_com = (get_task_family(name, frame_skip=1, com_velocity=flag)
+                     for flag in (False, True))
+    assert by_com.dynamics() == {"frame_skip": 1, "torso_com": False, "com_velocity": True}
+    assert by_com.observation_dim == 17
+    envs = [family.make_env(tasks, 1, dtype=torch.float64) for family in (plain, by_com)]
+    for env in envs:
+        env.reset(seed=5)
+    cheetah = envs[1].envs[0].unwrapped
+    gaps = []
+    for t in range(40):
+        action = torch.full((1, 6), 0.9 if t % 10 < 5 else -0.9, dtype=torch.float64)
+        (_, reward_torso, *_), (_, reward_com, *_) = (env.step(action) for env in envs)
+        fresh = mujoco.MjData(cheetah.model)
+        fresh.qpos[:], fresh.qvel[:] = cheetah.data.qpos, cheetah.data.qvel
+        mujoco.mj_forward(cheetah.model, fresh)
+        momentum, velocity = np.zeros(3), np.zeros(6)
+        for body in range(1, cheetah.model.nbody):
+            mujoco.mj_objectVelocity(cheetah.model, fresh, mujoco.mjtObj.mjOBJ_BODY, body,
+                                     velocity, 0)
+            momentum += cheetah.model.body_mass[body] * velocity[3:]
+        v = momentum[0] / cheetah.model.body_mass[1:].sum()
+        forward = -abs(v - target) if name.endswith("vel") else target * v
+        expected = forward - 0.05 * float((action ** 2).sum())
+        assert float(reward_com[0]) == pytest.approx(expected, abs=1e-9)
+        gaps.append(abs(float(reward_com[0] - reward_torso[0])))
+    assert max(gaps) > 0.05  # the torso's velocity is another measure: the option matters
+    for env in envs:
+        env.close()
+    with pytest.raises(ValueError, match="com_velocity must be True or False"):
+        get_task_family(name, com_velocity=1)
