@@ -30,10 +30,11 @@ Four families, each a small subclass of a gymnasium v5 env whose reward depends 
 clipped to the action space by ``GymTaskVectorEnv`` before stepping. The paper's rllab reward
 read the velocity of the cheetah's centre of mass instead (``get_body_comvel("torso")``: the
 linear momentum of the torso's subtree over its mass, after the step); the half-cheetah option
-``com_velocity: true`` pays that. Over an episode the two differ by how far the torso moves
-relative to the centre of mass, e.g. by leaning: a policy trained on the torso's velocity
-gains up to about 0.2 m that way in a 2 s episode at the paper's step, worth up to about 20 of
-halfcheetah-vel's return.
+``com_velocity: true`` pays that. The torso rocks about the centre of mass as the legs swing,
+so for halfcheetah-vel's -|v - target| the two measures give returns tens apart on the same
+trajectory (20 to 100 over a 200-step episode at the paper's step, depending on the gait);
+for halfcheetah-dir's linear reward only the torso's net shift against the centre of mass
+counts (up to about 0.2 m in a 2 s episode, about 20 of return).
 
 Observations are v5's defaults without the x/y position (HalfCheetah: 17 dims). The paper's
 cheetah also observed its centre of mass (rllab's ``get_body_com("torso")``: x, y, z of the
@@ -47,8 +48,8 @@ contact forces are always in the reward.
 
 Differences from the paper's rllab environments: gymnasium's v5 models and observations
 (rllab's models had different gear ratios, integrators and observation layouts; its ant starts
-with the torso at 0.55, v5's at 0.75), and the ant's velocity is its torso's rather than its
-centre of mass's.
+with the torso at 0.55, v5's at 0.75), and the velocity in the reward is the torso's rather
+than the centre of mass's (the ant's always; the half-cheetah's unless ``com_velocity``).
 
 ``GymTaskVectorEnv`` is generic: it batches any per-task gymnasium env that has a
 ``set_task(task)`` method (or a custom ``apply_task`` callback) behind the ``TaskVectorEnv`` API.
@@ -293,7 +294,9 @@ class _TaskReward:
 
 
 class HalfCheetahTaskEnv(_TaskReward, HalfCheetahEnv):
-    """HalfCheetah-v5 with reward ``forward_reward(v) - ctrl_cost_weight * |a|^2``."""
+    """HalfCheetah-v5 with reward ``forward_reward(v) - ctrl_cost_weight * |a|^2``; ``v`` is the
+    torso's x velocity, or with ``com_velocity`` the centre of mass's (``info["x_velocity"]``
+    stays the torso's)."""
 
     def __init__(self, objective: Objective = "velocity", ctrl_cost_weight: float = 0.05,
                  torso_com: bool = False, com_velocity: bool = False, **kwargs: Any):
