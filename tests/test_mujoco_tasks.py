@@ -99,7 +99,7 @@ def test_velocity_range_options():
     assert values.between(1.0, 1.5).all()
     with pytest.raises(ValueError, match="low < high"):
         get_task_family("halfcheetah-vel", low=2.0, high=1.0)
-    with pytest.raises(TypeError, match="'low'"):  # halfcheetah-dir: frame_skip and torso_com only
+    with pytest.raises(TypeError, match="'low'"):  # halfcheetah-dir: no velocity range
         get_task_family("halfcheetah-dir", low=0.0)
     with pytest.raises(TypeError):
         get_task_family("halfcheetah-vel", speed=1.0)

@@ -316,17 +316,20 @@ class HalfCheetahTaskEnv(_TaskReward, HalfCheetahEnv):
         if not self._torso_com:
             return observation
         # rllab's get_body_com("torso"): the centre of mass of the torso's subtree (the whole
-        # cheetah), x included. mj_step computes positions before it integrates, so recompute
-        # them for the state the step ended in, as rllab's model.forward() after stepping did.
+        # cheetah), x included, for the state the step ended in.
+        self._recompute_positions()
+        return np.concatenate((observation, self.data.subtree_com[self._torso_id]))
+
+    def _recompute_positions(self) -> None:
+        """mj_step computes positions before it integrates; recompute them (and the centres of
+        mass) for the state the step ended in, as rllab's model.forward() after stepping did."""
         mujoco.mj_kinematics(self.model, self.data)
         mujoco.mj_comPos(self.model, self.data)
-        return np.concatenate((observation, self.data.subtree_com[self._torso_id]))
 
     def centre_of_mass_velocity(self) -> float:
         """rllab's ``get_body_comvel("torso")[0]``: the x velocity of the centre of mass of the
         torso's subtree (the whole cheetah), for the state the step ended in."""
-        mujoco.mj_kinematics(self.model, self.data)
-        mujoco.mj_comPos(self.model, self.data)
+        self._recompute_positions()
         mujoco.mj_comVel(self.model, self.data)
         mujoco.mj_subtreeVel(self.model, self.data)
         return float(self.data.subtree_linvel[self._torso_id][0])
