@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from maml_core.checkpoint import atomic_write_bytes
+from maml_core.seeding import derive_seed
 from maml_core.tasks.base import TASK_ID
 
 
@@ -85,6 +86,17 @@ def load_task_set(path: str | Path, family) -> pd.DataFrame:
         return family.validate_tasks(tasks)
     except (ValueError, TypeError, OverflowError) as exc:
         raise TaskSetError(f"task set {str(path)!r}: {exc}") from None
+
+
+def held_out_tasks(config, family=None) -> pd.DataFrame:
+    """A config's evaluation task set: the file ``task.test_tasks`` if it names one, else the
+    seeded draw of ``evaluation.num_tasks`` tasks (the same for every model of that config)."""
+    family = family if family is not None else config.family()
+    if config.task.test_tasks:
+        return load_task_set(config.task.test_tasks, family)
+    ev = config.evaluation
+    return family.sample_tasks(ev.num_tasks, np.random.default_rng(
+        derive_seed(ev.seed, "held_out_tasks")))
 
 
 def save_task_set(tasks: pd.DataFrame, path: str | Path) -> Path:

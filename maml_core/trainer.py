@@ -159,8 +159,10 @@ class MetaLearner:
 
     def evaluate(self, tasks: pd.DataFrame, steps: int | None = None,
                  meta_params: Params | None = None, seed: int | None = None,
-                 episodes_per_task: int | None = None) -> pd.DataFrame:
-        """Per-task adaptation curve (RL: ``return``; supervised: ``mse``) for 0..steps."""
+                 episodes_per_task: int | None = None,
+                 on_episodes: Callable[[int, Episodes], None] | None = None) -> pd.DataFrame:
+        """Per-task adaptation curve (RL: ``return``; supervised: ``mse``) for 0..steps;
+        ``on_episodes(step, episodes)`` sees each step's episodes (RL)."""
         ev = self.config.evaluation
         steps = ev.steps if steps is None else steps
         seed = ev.seed if seed is None else seed
@@ -174,7 +176,7 @@ class MetaLearner:
                                 episodes_per_task or ev.episodes_per_task
                                 or self.config.episodes_per_task, self.horizon,
                                 self.config.gamma, self.config.gae_lambda, seed,
-                                self.config.normalize_advantages)
+                                self.config.normalize_advantages, on_episodes)
 
     # ----------------------------------------------------------------- loop
     def step(self) -> IterationResult:
@@ -246,13 +248,9 @@ class MetaLearner:
     # ----------------------------------------------------------------- state
     def held_out_tasks(self) -> pd.DataFrame:
         """The evaluation task set: ``task.test_tasks`` if given, else a seeded draw."""
-        from maml_core.tasksets import load_task_set
+        from maml_core.tasksets import held_out_tasks
 
-        ev = self.config.evaluation
-        if self.config.task.test_tasks:
-            return load_task_set(self.config.task.test_tasks, self.family)
-        rng = np.random.default_rng(derive_seed(ev.seed, "held_out_tasks"))
-        return self.family.sample_tasks(ev.num_tasks, rng)
+        return held_out_tasks(self.config, self.family)
 
     def save(self, directory, extra: dict | None = None):
         tensors, meta = self.optimizer.state_dict()

@@ -134,3 +134,22 @@ def test_meta_training_on_a_custom_family():
     assert after[1] >= before[1] + 5.0, (before.tolist(), after.tolist())
     assert after[1] >= after[0] + 5.0, after.tolist()
     learner.close()
+
+
+def test_task_coordinate_is_the_one_parameter_or_a_family_summary():
+    """The number the report lays per-task results out along: a one-parameter family's
+    parameter, navigation2d's goal distance from the start, nothing for two free parameters."""
+    from maml_core.tasks import get_task_family
+
+    rng = np.random.default_rng(0)
+    vel = get_task_family("halfcheetah-vel")
+    tasks = vel.sample_tasks(5, rng)
+    name, values = vel.task_coordinate(tasks)
+    assert name == "velocity" and values.tolist() == tasks["velocity"].tolist()
+    nav = get_task_family("navigation2d")
+    goals = pd.DataFrame({"task_id": [0, 1], "goal_x": [0.3, -0.5], "goal_y": [0.4, 0.0]})
+    name, values = nav.task_coordinate(goals)
+    assert name == "goal distance from the start"
+    np.testing.assert_allclose(values, [0.5, 0.5])
+    sinusoid = get_task_family("sinusoid")
+    assert sinusoid.task_coordinate(sinusoid.sample_tasks(3, rng)) is None

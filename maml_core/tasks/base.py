@@ -132,6 +132,15 @@ class TaskFamily(ABC):
     def sample_tasks(self, n: int, rng: np.random.Generator) -> pd.DataFrame:
         """``n`` tasks drawn from the family, as a table: ``task_id`` plus ``task_params``."""
 
+    def task_coordinate(self, tasks: pd.DataFrame) -> tuple[str, np.ndarray] | None:
+        """One number per task to lay per-task results out along (the report's per-task plot),
+        with its name: the parameter of a one-parameter family; None where there is no such
+        number (a family with several parameters overrides this if one summarizes them)."""
+        if len(self.task_params) != 1:
+            return None
+        name = self.task_params[0]
+        return name, tasks[name].to_numpy(dtype=np.float64)
+
     def check_environment(self) -> None:
         """Raise ``ValueError`` naming the problem if the process environment (variables,
         libraries) cannot run this family; called when a config is validated."""

@@ -101,6 +101,11 @@ class Navigation2D(TaskFamily):
         goals = rng.uniform(self.low, self.high, size=(n, 2))
         return self._table(n, {"goal_x": goals[:, 0], "goal_y": goals[:, 1]})
 
+    def task_coordinate(self, tasks: pd.DataFrame) -> tuple[str, np.ndarray]:
+        """The goal's distance from the start (the origin): how far the point has to go."""
+        return "goal distance from the start", np.hypot(
+            tasks["goal_x"].to_numpy(dtype=np.float64), tasks["goal_y"].to_numpy(dtype=np.float64))
+
     def make_env(self, tasks, episodes_per_task, horizon=None, device="cpu",
                  dtype=torch.float32) -> Navigation2DEnv:
         return Navigation2DEnv(self.validate_tasks(tasks), episodes_per_task,
