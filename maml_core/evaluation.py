@@ -8,6 +8,7 @@ alpha / 2) and samples again. Returns a per-task table; ``summarize`` gives mean
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from maml_core.adaptation import (
     split_meta_params,
 )
 from maml_core.advantages import process_episodes
+from maml_core.episodes import Episodes
 from maml_core.policies import Params
 from maml_core.rollouts import EnvPool, collect_episodes
 from maml_core.seeding import derive_seed
@@ -29,11 +31,14 @@ from maml_core.tasks.base import TASK_ID
 def adaptation_curve(pool: EnvPool, policy, meta_params: Params, tasks: pd.DataFrame,
                      steps: int, step_size: float, episodes_per_task: int, horizon: int,
                      gamma: float, gae_lambda: float, seed: int,
-                     normalize_advantages: bool = True) -> pd.DataFrame:
+                     normalize_advantages: bool = True,
+                     on_episodes: Callable[[int, Episodes], None] | None = None
+                     ) -> pd.DataFrame:
     """Per-task table ``task_id, step, return`` for adaptation steps 0..``steps``.
 
     Seeds derive from (``seed``, step, task id), so the same tasks and seed give the same
-    episodes for every model compared.
+    episodes for every model compared. ``on_episodes(step, episodes)`` sees each step's
+    episodes (e.g. to measure what the adapted policy does, beyond its return).
     """
     theta, learned = split_meta_params({k: v.detach() for k, v in meta_params.items()})
     task_ids = tasks[TASK_ID].to_numpy()
@@ -44,6 +49,8 @@ def adaptation_curve(pool: EnvPool, policy, meta_params: Params, tasks: pd.DataF
         seeds = [derive_seed(seed, "evaluate", step, int(t)) for t in task_ids]
         episodes = collect_episodes(env, policy, params, seeds, horizon,
                                     context=f"evaluation, adaptation step {step}")
+        if on_episodes is not None:
+            on_episodes(step, episodes)
         returns = episodes.task_returns().cpu().numpy()
         rows.append(pd.DataFrame({TASK_ID: task_ids, "step": step, "return": returns}))
         if step == steps:

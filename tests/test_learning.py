@@ -55,3 +55,27 @@ def test_sinusoid_maml_beats_pretrained_after_one_step():
     # Typically about 0.85 (MAML) against 2.3 (pretrained) after one step.
     assert maml[1] < 0.7 * joint[1], (maml.tolist(), joint.tolist())
     assert maml[1] < 0.5 * maml[0], maml.tolist()
+
+
+def test_evaluation_shows_each_steps_episodes_to_a_callback():
+    """``on_episodes`` sees the episodes behind each step of the adaptation curve (their
+    returns are that step's), and watching changes nothing."""
+    import numpy as np
+    import pandas as pd
+
+    cfg = build_config({"seed": 0, "episodes_per_task": 4,
+                        "task": {"family": "navigation2d", "horizon": 20},
+                        "policy": {"hidden_sizes": [16, 16]},
+                        "evaluation": {"num_tasks": 5, "seed": 3}})
+    learner = MetaLearner(cfg)
+    tasks = learner.held_out_tasks()
+    seen = {}
+    curve = learner.evaluate(tasks, steps=2, on_episodes=lambda s, e: seen.setdefault(s, e))
+    assert sorted(seen) == [0, 1, 2]
+    for step, episodes in seen.items():
+        assert episodes.num_tasks == 5 and episodes.episodes_per_task == 4
+        np.testing.assert_allclose(curve.loc[curve["step"] == step, "return"].to_numpy(),
+                                   episodes.task_returns().numpy())
+    assert len({float(e.task_returns().sum()) for e in seen.values()}) == 3
+    pd.testing.assert_frame_equal(curve, learner.evaluate(tasks, steps=2))
+    learner.close()
