@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import textwrap
 from pathlib import Path
 
@@ -81,6 +82,46 @@ def adaptation_curve(summary: pd.DataFrame, family: str, title: str,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def per_task_returns(panels: dict[str, pd.DataFrame], coordinate: str, title: str,
+                     value: str = "return"):
+    """Per held-out task, its return after each adaptation step against one number that
+    describes the task (``coordinate``, e.g. the target velocity): one panel per run
+    (``panels``: label -> table of ``coordinate``, ``step``, ``value``), sharing the y axis.
+    Shows where adaptation reaches and where it falls short. Few distinct coordinates (e.g. a
+    direction of +-1) are drawn as points spread per step; many as one line per step."""
+    n = len(panels)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), sharey=True,
+                             squeeze=False)
+    for ax, (label, table) in zip(axes.flat, panels.items(), strict=False):
+        steps = sorted(table["step"].unique())
+        xs = table[coordinate]
+        discrete = xs.nunique() <= 5
+        spread = 0.04 * ((xs.max() - xs.min()) or 1.0)
+        cmap = plt.get_cmap("viridis")
+        for i, step in enumerate(steps):
+            at_step = table[table["step"] == step].sort_values(coordinate)
+            color = cmap(i / max(len(steps) - 1, 1))
+            if discrete:
+                ax.plot(at_step[coordinate] + (i - (len(steps) - 1) / 2) * spread, at_step[value],
+                        "o", ms=3, alpha=0.7, color=color, label=f"step {step}")
+            else:
+                ax.plot(at_step[coordinate], at_step[value], "-o", ms=2.5, lw=1, alpha=0.85,
+                        color=color, label=f"step {step}")
+        ax.set_title(textwrap.shorten(label, 55, placeholder=" …)"), fontsize=9)
+        ax.set_xlabel(coordinate)
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(value)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -9,6 +9,12 @@ method given with ``--run`` is shown beside the first as ``<method> (<config>)``
 config next to the paper's protocol, or a baseline adapted with another step size. Our numbers
 come from each run's ``evaluation/summary.csv`` artifact (mean and 95% CI over the held-out
 tasks per adaptation step), the paper's from ``data/maml_paper_rl_returns.csv``.
+
+Where a family describes each task by one number (``TaskFamily.task_coordinate``: the target
+velocity, the direction, navigation2d's goal distance), a per-task plot lays each run's
+``evaluation/per_task.csv`` out along it. The held-out tasks behind it are rebuilt from the
+run's ``config.yaml`` and used only if they have the digest of the evaluation dataset the run
+logged; a run whose tasks cannot be rebuilt is left out of the plot, and the report says why.
 """
 
 from __future__ import annotations
@@ -21,14 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import yaml
 
 from flows import plots, tracking
+from flows.config import load_run_config
 from flows.errors import UsageError
+from maml_core.config import ConfigError
+from maml_core.tasks.base import TASK_ID, get_task_family
+from maml_core.tasksets import TaskSetError, held_out_tasks
 
 KINDS = ("meta-train", "baseline")
 METHODS = ("maml", "pretrained", "random", "oracle")
 SUPERVISED_STEPS = (1, 10)  # the paper's sinusoid comparison: MSE after 1 and 10 steps
+DATA = Path(__file__).resolve().parent.parent / "data"
 CURVE_KEYS = ("pre_return", "post_return", "pre_mse", "post_mse")
 MISSING = "—"
 NO_COMMAND = ("not recorded (started outside the `maml` command line, or before it recorded "
@@ -329,6 +342,93 @@ def _adaptation_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]
     return [f"![adaptation curves]({name})", ""]
 
 
+def held_out_task_table(report_run: ReportRun) -> tuple[pd.DataFrame | None, Any]:
+    """The held-out tasks the run was evaluated on, rebuilt from the run's ``config.yaml``
+    (its ``task.test_tasks`` file, or the seeded draw) and accepted only if the table has the
+    digest of an evaluation dataset the run logged: ``(tasks, family)``, or ``(None, why)``.
+    A task file that is missing or changed at the recorded path (e.g. one recorded in another
+    checkout) is also looked for in this repository's ``data/``."""
+    logged = [d for d in tracking.logged_datasets(report_run.run)
+              if d["context"] == "evaluation"]
+    if not logged:
+        return None, "it logged no held-out task set"
+    digests = {d["digest"] for d in logged}
+    try:
+        data = yaml.safe_load(tracking.read_text(report_run.id, "config.yaml"))
+        data = {**data, "device": "cpu"}  # rebuilding tasks needs no accelerator
+        config = load_run_config(data=data)
+        family = config.family()
+    except (tracking.TrackingError, ConfigError, yaml.YAMLError, TypeError,
+            ValueError) as exc:
+        return None, f"its config.yaml could not be read or validated ({exc})"
+    paths = [config.task.test_tasks]
+    if config.task.test_tasks:
+        paths.append(str(DATA / Path(config.task.test_tasks).name))
+    for path in dict.fromkeys(paths):
+        task = config.task.model_copy(update={"test_tasks": path})
+        try:
+            tasks = held_out_tasks(config.model_copy(update={"task": task}), family)
+        except (TaskSetError, ValueError, TypeError):
+            continue
+        if tracking.dataset_digest(tasks) in digests:
+            return tasks, family
+    return None, (f"no task table with the digest it logged ({', '.join(sorted(digests))}, "
+                  f"from {logged[-1]['source']}) is found here")
+
+
+def _per_task_panel(report_run: ReportRun) -> tuple[str, pd.DataFrame] | str | None:
+    """``(coordinate, per-task returns with the coordinate)`` of a run; why not (a string);
+    or None when the run's family describes a task by no single number."""
+    tasks, family_or_why = held_out_task_table(report_run)
+    if tasks is None:
+        return family_or_why
+    described = family_or_why.task_coordinate(tasks)
+    if described is None:
+        return None
+    coordinate, values = described
+    try:
+        per_task = tracking.read_table(report_run.id, "evaluation/per_task.csv")
+    except tracking.TrackingError as exc:
+        return str(exc)
+    if "return" not in per_task or set(per_task[TASK_ID]) != set(tasks[TASK_ID]):
+        return "its evaluation/per_task.csv does not hold the returns of those tasks"
+    by_task = pd.DataFrame({TASK_ID: tasks[TASK_ID], coordinate: values})
+    return coordinate, per_task.merge(by_task, on=TASK_ID, validate="many_to_one")
+
+
+def _per_task_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]:
+    """Each run's per-task returns against the family's task coordinate (e.g. the target
+    velocity), where the family has one and the run's held-out tasks can be rebuilt."""
+    try:
+        probe = get_task_family(family)
+        if probe.task_coordinate(probe.sample_tasks(1, np.random.default_rng(0))) is None:
+            return []  # the family describes a task by no single number
+    except (KeyError, ValueError, TypeError):
+        return []
+    panels: dict[str, pd.DataFrame] = {}
+    left_out: list[str] = []
+    coordinate = None
+    for r in runs:
+        panel = _per_task_panel(r)
+        if panel is None:
+            return []
+        if isinstance(panel, str):
+            left_out.append(f"{r.label} (run `{r.id}`): {panel}")
+            continue
+        coordinate, panels[r.label] = panel
+    lines = []
+    if panels:
+        name = f"{family}-per-task.png"
+        plots.save(plots.per_task_returns(panels, coordinate,
+                                          f"per held-out task: {family}"), out / name)
+        lines += [f"Per held-out task, its return after each adaptation step against the "
+                  f"task's {coordinate}, one panel per run: where adaptation reaches and "
+                  "where it falls short.", "", f"![per-task returns]({name})", ""]
+    if left_out:
+        lines += ["Left out of the per-task plot: " + "; ".join(left_out) + ".", ""]
+    return lines
+
+
 def _rl_section(family: str, runs: dict[str, ReportRun], out: Path
                 ) -> tuple[list[str], pd.DataFrame]:
     table = rl_table(family, runs)
@@ -348,6 +448,7 @@ def _rl_section(family: str, runs: dict[str, ReportRun], out: Path
     notes = plots.paper_rows(family)["note"].dropna().unique()
     lines += [f"Paper note: {n}." for n in notes] + ([""] if len(notes) else [])
     lines += _adaptation_plot(ordered, family, out)
+    lines += _per_task_plot(ordered, family, out)
     lines += _learning_curves(ordered, family, out)
     lines += _cost_lines(ordered)
     compact = table.assign(cell=[

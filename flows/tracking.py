@@ -745,18 +745,40 @@ def log_evaluation(run_id: str, curve: pd.DataFrame, summary: pd.DataFrame,
     log_figure(run_id, adaptation_figure, "plots/adaptation_curve.png")
 
 
-def read_table(run_id: str, artifact_file: str) -> pd.DataFrame:
-    """A ``.csv`` or ``.parquet`` table artifact of a run (``TrackingError`` if missing)."""
-    suffix = Path(artifact_file).suffix
-    if suffix not in (".csv", ".parquet", ".pq"):
-        raise TrackingError(f"table artifact {artifact_file!r}: use a .parquet or .csv name")
+def _read_artifact(run_id: str, artifact_file: str, read):
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = Path(_client().download_artifacts(run_id, artifact_file, tmp))
         except (MlflowException, OSError) as exc:
             raise TrackingError(f"run {run_id} has no artifact {artifact_file!r} "
                                 f"({' '.join(str(exc).split())[:200]})") from None
-        return pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        return read(path)
+
+
+def read_table(run_id: str, artifact_file: str) -> pd.DataFrame:
+    """A ``.csv`` or ``.parquet`` table artifact of a run (``TrackingError`` if missing)."""
+    suffix = Path(artifact_file).suffix
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise TrackingError(f"table artifact {artifact_file!r}: use a .parquet or .csv name")
+    return _read_artifact(run_id, artifact_file,
+                          pd.read_csv if suffix == ".csv" else pd.read_parquet)
+
+
+def read_text(run_id: str, artifact_file: str) -> str:
+    """A text artifact of a run, e.g. its ``config.yaml`` (``TrackingError`` if missing)."""
+    return _read_artifact(run_id, artifact_file, lambda p: p.read_text(encoding="utf-8"))
+
+
+def dataset_digest(df: pd.DataFrame) -> str:
+    """The digest MLflow records for ``df`` as a dataset input (``log_dataset``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mlflow.data.from_pandas(df).digest
+
+
+def logged_datasets(run) -> list[dict[str, Any]]:
+    """The run's dataset inputs: name, digest, source type, source, context and tags."""
+    return [_dataset_dict(d) for d in (run.inputs.dataset_inputs if run.inputs else [])]
 
 
 # ---------------------------------------------------------------------------------- models
@@ -1084,8 +1106,7 @@ def lineage(model_ref: Any, max_depth: int = 100) -> list[dict[str, Any]]:
                          experiment_id=run.info.experiment_id,
                          git_commit=tags.get(MLFLOW_GIT_COMMIT) or tags.get(TAG_GIT_COMMIT),
                          flow_run_id=tags.get(TAG_FLOW_RUN_ID), params=dict(run.data.params),
-                         datasets=[_dataset_dict(d) for d in run.inputs.dataset_inputs]
-                         if run.inputs else [])
+                         datasets=logged_datasets(run))
         parent = (mv.tags or {}).get(TAG_PARENT_VERSION) or \
             (run.data.tags.get(TAG_PARENT_VERSION) if run is not None else None)
         chain.append(entry)

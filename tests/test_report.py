@@ -71,7 +71,8 @@ def test_report_has_our_numbers_the_papers_and_plots(store, tmp_path, capsys):
 
     images = sorted(out.glob("*.png"))
     assert {p.name for p in images} == {"navigation2d-adaptation.png",
-                                        "navigation2d-learning-curve.png"}
+                                        "navigation2d-learning-curve.png",
+                                        "navigation2d-per-task.png"}
     for image in images:
         data = image.read_bytes()
         assert data.startswith(PNG) and len(data) > 1000, image
@@ -228,3 +229,60 @@ def test_report_shows_a_second_maml_run_of_a_family_beside_the_first(store, tmp_
                 "defaults)") in text
         curves = sorted(p.name for p in (tmp_path / "r").glob("*learning-curve.png"))
         assert len(curves) == 2 and "navigation2d-learning-curve.png" in curves, curves
+
+
+def test_per_task_plot_rebuilds_each_runs_held_out_tasks_and_checks_their_digest(
+        store, tmp_path, monkeypatch):
+    """The per-task plot needs each run's held-out tasks: they are rebuilt from the run's
+    config (the seeded draw, or the task file, also once that file has moved to this
+    checkout's data/) and used only while they have the digest the run logged; a run whose
+    table changed is left out of the plot, and the report says why."""
+    import numpy as np
+    import pandas as pd
+
+    from flows import report as report_module
+    from flows import tracking
+    from flows.report import _report_run, held_out_task_table, write_report
+    from maml_core.tasks import get_task_family
+    from maml_core.tasksets import save_task_set
+
+    goals = get_task_family("navigation2d").sample_tasks(6, np.random.default_rng(7))
+    goals["task_id"] = [11, 3, 7, 0, 25, 4]  # not row numbers: the join must go by id
+    tasks_file = save_task_set(goals, tmp_path / "elsewhere" / "goals.csv")
+    argv = ["baseline", NAV, "--method", "oracle", *_sets(), "--set",
+            f"task.test_tasks={tasks_file}"]
+    with _second_run(store, "baseline", argv) as (_, second):
+        train = tracking.get_run(store["runs"]["meta-train"].info.run_id)
+        drawn, family = held_out_task_table(_report_run(train))
+        per_task = tracking.read_table(train.info.run_id, "evaluation/per_task.csv")
+        assert sorted(per_task["task_id"].unique()) == sorted(drawn["task_id"])
+        name, distance = family.task_coordinate(drawn)
+        assert name == "goal distance from the start"
+        np.testing.assert_allclose(distance, np.hypot(drawn["goal_x"], drawn["goal_y"]))
+        from_file, _ = held_out_task_table(_report_run(second))
+        pd.testing.assert_frame_equal(from_file, goals)
+        coordinate, panel = report_module._per_task_panel(_report_run(second))
+        goal = goals.set_index("task_id").loc[panel["task_id"]]
+        np.testing.assert_allclose(panel[coordinate], np.hypot(goal["goal_x"], goal["goal_y"]))
+        returns = tracking.read_table(second.info.run_id, "evaluation/per_task.csv")
+        pd.testing.assert_frame_equal(panel[returns.columns], returns)
+
+        ids = [train.info.run_id, second.info.run_id]
+        report = write_report(tmp_path / "r", run_ids=ids)
+        assert str(tmp_path / "r" / "navigation2d-per-task.png") in report["images"]
+        assert "Left out of the per-task plot" not in Path(report["path"]).read_text()
+
+        moved = tmp_path / "data"
+        moved.mkdir()
+        tasks_file.rename(moved / tasks_file.name)
+        monkeypatch.setattr(report_module, "DATA", moved)
+        pd.testing.assert_frame_equal(held_out_task_table(_report_run(second))[0], goals)
+
+        save_task_set(goals.assign(goal_x=-goals["goal_x"]), moved / tasks_file.name)
+        tasks, why = held_out_task_table(_report_run(second))
+        assert tasks is None and "no task table with the digest it logged" in why, why
+        report = write_report(tmp_path / "r2", run_ids=ids)
+        text = Path(report["path"]).read_text()
+        assert f"(run `{second.info.run_id}`): no task table with the digest it logged" in text
+        assert str(tmp_path / "r2" / "navigation2d-per-task.png") in report["images"]
+        assert (tmp_path / "r2" / "navigation2d-per-task.png").read_bytes().startswith(PNG)
