@@ -1,0 +1,110 @@
+"""How fast a run's half-cheetah runs on each held-out task, before and after adaptation.
+
+For a half-cheetah run (``halfcheetah-vel`` or ``halfcheetah-dir``) this adapts the run's last
+logged policy with the run's own evaluation protocol (its held-out tasks, seeds, step sizes and
+episodes) and prints, per task, the cheetah's mean forward velocity after 0..K steps next to
+the task's target. Its returns match the run's ``evaluation/per_task.csv`` up to the rounding of
+a different thread count, which the simulated dynamics amplify over 200 steps (e.g. -90.8
+against -91.1 after one step). It tells whether a
+return falls short because the adapted cheetah runs too slowly, too fast, or the wrong way.
+
+The velocity is the torso's x velocity (``qvel[0]``, index 8 of v5's observation) averaged over
+the states the policy acted in, the first (at rest) included. A run made with the option
+``com_velocity`` is paid for its centre of mass's velocity, which can differ from the torso's
+by about 0.1 m/s over an episode.
+
+    .venv/bin/python bench/cheetah_speed.py RUN_ID [--steps K]
+
+Last line of stdout: JSON with the per-task table and, per step, the mean |velocity - target|
+and the fastest mean velocity over tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flows import tracking
+from flows.config import load_run_config
+from flows.report import ReportRun, held_out_task_table
+from maml_core.tasks.base import TASK_ID
+from maml_core.trainer import MetaLearner
+
+FAMILIES = ("halfcheetah-vel", "halfcheetah-dir")
+FORWARD_VELOCITY = 8  # v5's observation: qpos[1:] (8 values), then qvel; qvel[0] is x
+
+
+def speeds(run_id: str, steps: int | None = None) -> pd.DataFrame:
+    """Per held-out task and adaptation step: the task's coordinate, the mean forward velocity
+    and the return (the run's evaluation protocol)."""
+    try:
+        run = tracking.get_run(run_id)
+        _, params, config_data, _ = tracking.load_policy(run_id)
+    except tracking.TrackingError as exc:
+        raise SystemExit(f"run {run_id}: {exc}") from None
+    config = load_run_config(data=config_data)
+    if config.task.family not in FAMILIES:
+        raise SystemExit(f"run {run_id} is a {config.task.family} run; this script measures "
+                         f"the half-cheetah ({', '.join(FAMILIES)})")
+    tasks, family_or_why = held_out_task_table(
+        ReportRun(run, config.task.family, "", None, None))
+    if tasks is None:
+        raise SystemExit(f"run {run_id}: its held-out tasks cannot be rebuilt: {family_or_why}")
+    coordinate, values = family_or_why.task_coordinate(tasks)
+    learner = MetaLearner(config)
+    velocity: dict[int, np.ndarray] = {}
+
+    def measure(step: int, episodes) -> None:
+        v = episodes.observations[..., FORWARD_VELOCITY] * episodes.masks
+        per_episode = v.sum(0) / episodes.masks.sum(0).clamp(min=1.0)  # [tasks, episodes]
+        velocity[step] = per_episode.mean(-1).cpu().numpy()
+        print(f"step {step}: measured", file=sys.stderr, flush=True)
+
+    try:
+        curve = learner.evaluate(tasks, steps, meta_params=params, on_episodes=measure)
+    finally:
+        learner.close()
+    order = {int(t): i for i, t in enumerate(tasks[TASK_ID])}
+    curve[coordinate] = [values[order[int(t)]] for t in curve[TASK_ID]]
+    curve["velocity_reached"] = [velocity[int(s)][order[int(t)]]
+                                 for s, t in zip(curve["step"], curve[TASK_ID], strict=True)]
+    return curve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_id", help="an MLflow run of `maml train` (it logs the policy)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="adaptation steps (default: the run's evaluation.steps)")
+    args = parser.parse_args(argv)
+    tracking.load_tracking_config().setup()
+    curve = speeds(args.run_id, args.steps)
+    coordinate = curve.columns[curve.columns.get_loc("return") + 1]
+    table = curve.pivot_table(index=[TASK_ID, coordinate], columns="step",
+                              values="velocity_reached").sort_index(level=1)
+    table.columns = [f"v after {s}" for s in table.columns]
+    print(table.round(2).to_string())
+    by_step = {}
+    for step, rows in curve.groupby("step"):
+        by_step[int(step)] = {
+            "fastest_velocity": round(float(rows["velocity_reached"].max()), 3),
+            "mean_return": round(float(rows["return"].mean()), 2)}
+        if coordinate == "velocity":
+            by_step[int(step)]["mean_abs_velocity_error"] = round(float(
+                (rows["velocity_reached"] - rows[coordinate]).abs().mean()), 3)
+    for step, figures in by_step.items():
+        print(f"after {step} step(s): " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+    print(json.dumps({"run_id": args.run_id, "coordinate": coordinate, "by_step": by_step,
+                      "per_task": curve.round(4).to_dict(orient="records")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
