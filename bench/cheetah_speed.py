@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flows import tracking
 from flows.config import load_run_config
-from flows.report import ReportRun, held_out_task_table
+from flows.report import held_out_task_table
 from maml_core.tasks.base import TASK_ID
 from maml_core.trainer import MetaLearner
 
@@ -41,9 +41,9 @@ FAMILIES = ("halfcheetah-vel", "halfcheetah-dir")
 FORWARD_VELOCITY = 8  # v5's observation: qpos[1:] (8 values), then qvel; qvel[0] is x
 
 
-def speeds(run_id: str, steps: int | None = None) -> pd.DataFrame:
-    """Per held-out task and adaptation step: the task's coordinate, the mean forward velocity
-    and the return (the run's evaluation protocol)."""
+def speeds(run_id: str, steps: int | None = None) -> tuple[str, pd.DataFrame]:
+    """The task coordinate's name and, per held-out task and adaptation step, its value, the
+    mean forward velocity and the return (the run's evaluation protocol)."""
     try:
         run = tracking.get_run(run_id)
         _, params, config_data, _ = tracking.load_policy(run_id)
@@ -53,8 +53,7 @@ def speeds(run_id: str, steps: int | None = None) -> pd.DataFrame:
     if config.task.family not in FAMILIES:
         raise SystemExit(f"run {run_id} is a {config.task.family} run; this script measures "
                          f"the half-cheetah ({', '.join(FAMILIES)})")
-    tasks, family_or_why = held_out_task_table(
-        ReportRun(run, config.task.family, "", None, None))
+    tasks, family_or_why = held_out_task_table(run)
     if tasks is None:
         raise SystemExit(f"run {run_id}: its held-out tasks cannot be rebuilt: {family_or_why}")
     coordinate, values = family_or_why.task_coordinate(tasks)
@@ -75,7 +74,7 @@ def speeds(run_id: str, steps: int | None = None) -> pd.DataFrame:
     curve[coordinate] = [values[order[int(t)]] for t in curve[TASK_ID]]
     curve["velocity_reached"] = [velocity[int(s)][order[int(t)]]
                                  for s, t in zip(curve["step"], curve[TASK_ID], strict=True)]
-    return curve
+    return coordinate, curve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="adaptation steps (default: the run's evaluation.steps)")
     args = parser.parse_args(argv)
     tracking.load_tracking_config().setup()
-    curve = speeds(args.run_id, args.steps)
-    coordinate = curve.columns[curve.columns.get_loc("return") + 1]
+    coordinate, curve = speeds(args.run_id, args.steps)
     table = curve.pivot_table(index=[TASK_ID, coordinate], columns="step",
                               values="velocity_reached").sort_index(level=1)
     table.columns = [f"v after {s}" for s in table.columns]

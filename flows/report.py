@@ -342,19 +342,18 @@ def _adaptation_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]
     return [f"![adaptation curves]({name})", ""]
 
 
-def held_out_task_table(report_run: ReportRun) -> tuple[pd.DataFrame | None, Any]:
-    """The held-out tasks the run was evaluated on, rebuilt from the run's ``config.yaml``
+def held_out_task_table(run) -> tuple[pd.DataFrame | None, Any]:
+    """The held-out tasks the MLflow ``run`` was evaluated on, rebuilt from its ``config.yaml``
     (its ``task.test_tasks`` file, or the seeded draw) and accepted only if the table has the
     digest of an evaluation dataset the run logged: ``(tasks, family)``, or ``(None, why)``.
     A task file that is missing or changed at the recorded path (e.g. one recorded in another
     checkout) is also looked for in this repository's ``data/``."""
-    logged = [d for d in tracking.logged_datasets(report_run.run)
-              if d["context"] == "evaluation"]
+    logged = [d for d in tracking.logged_datasets(run) if d["context"] == "evaluation"]
     if not logged:
         return None, "it logged no held-out task set"
     digests = {d["digest"] for d in logged}
     try:
-        data = yaml.safe_load(tracking.read_text(report_run.id, "config.yaml"))
+        data = yaml.safe_load(tracking.read_text(run.info.run_id, "config.yaml"))
         data = {**data, "device": "cpu"}  # rebuilding tasks needs no accelerator
         config = load_run_config(data=data)
         family = config.family()
@@ -376,15 +375,14 @@ def held_out_task_table(report_run: ReportRun) -> tuple[pd.DataFrame | None, Any
                   f"from {logged[-1]['source']}) is found here")
 
 
-def _per_task_panel(report_run: ReportRun) -> tuple[str, pd.DataFrame] | str | None:
-    """``(coordinate, per-task returns with the coordinate)`` of a run; why not (a string);
-    or None when the run's family describes a task by no single number."""
-    tasks, family_or_why = held_out_task_table(report_run)
+def _per_task_panel(report_run: ReportRun) -> tuple[str, pd.DataFrame] | str:
+    """``(coordinate, per-task returns with the coordinate)`` of a run, or why not."""
+    tasks, family_or_why = held_out_task_table(report_run.run)
     if tasks is None:
         return family_or_why
     described = family_or_why.task_coordinate(tasks)
     if described is None:
-        return None
+        return "its family describes a task by no single number"
     coordinate, values = described
     try:
         per_task = tracking.read_table(report_run.id, "evaluation/per_task.csv")
@@ -410,8 +408,6 @@ def _per_task_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]:
     coordinate = None
     for r in runs:
         panel = _per_task_panel(r)
-        if panel is None:
-            return []
         if isinstance(panel, str):
             left_out.append(f"{r.label} (run `{r.id}`): {panel}")
             continue

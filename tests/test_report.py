@@ -253,13 +253,13 @@ def test_per_task_plot_rebuilds_each_runs_held_out_tasks_and_checks_their_digest
             f"task.test_tasks={tasks_file}"]
     with _second_run(store, "baseline", argv) as (_, second):
         train = tracking.get_run(store["runs"]["meta-train"].info.run_id)
-        drawn, family = held_out_task_table(_report_run(train))
+        drawn, family = held_out_task_table(train)
         per_task = tracking.read_table(train.info.run_id, "evaluation/per_task.csv")
         assert sorted(per_task["task_id"].unique()) == sorted(drawn["task_id"])
         name, distance = family.task_coordinate(drawn)
         assert name == "goal distance from the start"
         np.testing.assert_allclose(distance, np.hypot(drawn["goal_x"], drawn["goal_y"]))
-        from_file, _ = held_out_task_table(_report_run(second))
+        from_file, _ = held_out_task_table(second)
         pd.testing.assert_frame_equal(from_file, goals)
         coordinate, panel = report_module._per_task_panel(_report_run(second))
         goal = goals.set_index("task_id").loc[panel["task_id"]]
@@ -276,10 +276,10 @@ def test_per_task_plot_rebuilds_each_runs_held_out_tasks_and_checks_their_digest
         moved.mkdir()
         tasks_file.rename(moved / tasks_file.name)
         monkeypatch.setattr(report_module, "DATA", moved)
-        pd.testing.assert_frame_equal(held_out_task_table(_report_run(second))[0], goals)
+        pd.testing.assert_frame_equal(held_out_task_table(second)[0], goals)
 
         save_task_set(goals.assign(goal_x=-goals["goal_x"]), moved / tasks_file.name)
-        tasks, why = held_out_task_table(_report_run(second))
+        tasks, why = held_out_task_table(second)
         assert tasks is None and "no task table with the digest it logged" in why, why
         report = write_report(tmp_path / "r2", run_ids=ids)
         text = Path(report["path"]).read_text()
