@@ -1,19 +1,21 @@
-"""How fast a run's half-cheetah runs on each held-out task, before and after adaptation.
+"""How fast a run's half-cheetah or ant runs on each held-out task, before and after adaptation.
 
-For a half-cheetah run (``halfcheetah-vel`` or ``halfcheetah-dir``) this adapts the run's last
-logged policy with the run's own evaluation protocol (its held-out tasks, seeds, step sizes and
-episodes) and prints, per task, the cheetah's mean forward velocity after 0..K steps next to
-the task's target. Its returns match the run's ``evaluation/per_task.csv`` up to the rounding of
-a different thread count, which the simulated dynamics amplify over 200 steps (e.g. -90.8
-against -91.1 after one step). It tells whether a
-return falls short because the adapted cheetah runs too slowly, too fast, or the wrong way.
+For a half-cheetah or ant run (``halfcheetah-vel``, ``halfcheetah-dir``, ``ant-vel``,
+``ant-dir``) this adapts the run's last logged policy with the run's own evaluation protocol
+(its held-out tasks, seeds, step sizes and episodes) and prints, per task, the robot's mean
+forward velocity after 0..K steps next to the task's target. Its returns match the run's
+``evaluation/per_task.csv`` up to the rounding of a different thread count, which the simulated
+dynamics amplify over 200 steps (e.g. -90.8 against -91.1 after one step). It tells whether a
+return falls short because the adapted robot runs too slowly, too fast, or the wrong way.
 
-The velocity is the torso's x velocity (``qvel[0]``, index 8 of v5's observation) averaged over
-the states the policy acted in, the first (at rest) included. A run made with the option
-``com_velocity`` is paid for its centre of mass's velocity, which can differ from the torso's
-by about 0.1 m/s over an episode.
+The velocity is the torso's x velocity (``qvel[0]``: index 8 of v5's half-cheetah observation,
+13 of the ant's) averaged over the states the policy acted in, the first (at rest) included; an
+ant episode that ends early (the ant fell) counts its states until then. A cheetah run made with
+the option ``com_velocity`` is paid for its centre of mass's velocity, and the ant is paid for
+its torso's displacement over each step; either can differ from this mean of instantaneous
+velocities by about 0.1 m/s over an episode.
 
-    .venv/bin/python bench/cheetah_speed.py RUN_ID [--steps K]
+    .venv/bin/python bench/adapted_speed.py RUN_ID [--steps K]
 
 Last line of stdout: JSON with the per-task table and, per step, the mean |velocity - target|
 and the fastest mean velocity over tasks.
@@ -37,8 +39,9 @@ from flows.report import held_out_task_table
 from maml_core.tasks.base import TASK_ID
 from maml_core.trainer import MetaLearner
 
-FAMILIES = ("halfcheetah-vel", "halfcheetah-dir")
-FORWARD_VELOCITY = 8  # v5's observation: qpos[1:] (8 values), then qvel; qvel[0] is x
+# Where qvel[0], the torso's x velocity, sits in each family's observation: v5's observations
+# start with qpos without the x (half-cheetah: 8 values) or x and y (ant: 13), then qvel.
+FORWARD_VELOCITY = {"halfcheetah-vel": 8, "halfcheetah-dir": 8, "ant-vel": 13, "ant-dir": 13}
 
 
 def speeds(run_id: str, steps: int | None = None) -> tuple[str, pd.DataFrame]:
@@ -50,9 +53,10 @@ def speeds(run_id: str, steps: int | None = None) -> tuple[str, pd.DataFrame]:
     except tracking.TrackingError as exc:
         raise SystemExit(f"run {run_id}: {exc}") from None
     config = load_run_config(data=config_data)
-    if config.task.family not in FAMILIES:
+    if config.task.family not in FORWARD_VELOCITY:
         raise SystemExit(f"run {run_id} is a {config.task.family} run; this script measures "
-                         f"the half-cheetah ({', '.join(FAMILIES)})")
+                         f"the half-cheetah and the ant ({', '.join(FORWARD_VELOCITY)})")
+    index = FORWARD_VELOCITY[config.task.family]
     tasks, family_or_why = held_out_task_table(run)
     if tasks is None:
         raise SystemExit(f"run {run_id}: its held-out tasks cannot be rebuilt: {family_or_why}")
@@ -61,7 +65,7 @@ def speeds(run_id: str, steps: int | None = None) -> tuple[str, pd.DataFrame]:
     velocity: dict[int, np.ndarray] = {}
 
     def measure(step: int, episodes) -> None:
-        v = episodes.observations[..., FORWARD_VELOCITY] * episodes.masks
+        v = episodes.observations[..., index] * episodes.masks
         per_episode = v.sum(0) / episodes.masks.sum(0).clamp(min=1.0)  # [tasks, episodes]
         velocity[step] = per_episode.mean(-1).cpu().numpy()
         print(f"step {step}: measured", file=sys.stderr, flush=True)
