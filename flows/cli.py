@@ -1,12 +1,11 @@
-"""The ``maml`` command line: train, evaluate, baseline, report, retrain, schedule, stage, ui,
-lineage."""
+"""The ``maml`` command line: train, evaluate, baseline, report, export, retrain, schedule,
+stage, ui, lineage."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -65,9 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--family", dest="families", action="extend", nargs="+", default=[],
                     metavar="F", help="only these task families")
     rp.add_argument("--run", dest="run_ids", action="extend", nargs="+", default=[],
-                    metavar="RUN_ID", help="use these meta-train/baseline runs instead of the "
-                    "latest of their family and method; a second run of a family and method "
-                    "is shown beside the first as '<method> (<its config>)'")
+                    metavar="RUN", help="use these meta-train/baseline runs (MLflow run ids, "
+                    "or folders written by `maml export`) instead of the latest of their "
+                    "family and method; a second run of a family and method is shown beside "
+                    "the first as '<method> (<its config>)'. Given only exported runs, the "
+                    "report reads nothing from the MLflow store")
+
+    x = sub.add_parser("export", help="write runs' records (metrics, evaluation tables, "
+                       "config, model) as plain files that `maml report --run` reads back")
+    x.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    x.add_argument("--out", default="docs/results/runs", help="parent folder; each run goes "
+                   "to OUT/RUN_ID (default docs/results/runs)")
 
     r = sub.add_parser("retrain", help="warm-start from the champion, train, promote if better")
     r.add_argument("config")
@@ -284,16 +291,36 @@ def cmd_report(args) -> int:
     from flows import tracking
     from flows.errors import UsageError
     from flows.report import write_report
+    from flows.runrecord import is_export
 
-    for run_id in args.run_ids:
-        if not re.fullmatch(r"[0-9a-f]{32}", run_id):
-            raise UsageError(f"--run {run_id!r} is not an MLflow run id (32 hex digits, as "
-                             "`maml train` and `maml baseline` print)")
-    tracking.load_tracking_config().setup()
+    for ref in args.run_ids:
+        if not (tracking.is_run_id(ref) or is_export(ref)):
+            raise UsageError(f"--run {ref!r} is neither an MLflow run id (32 hex digits, as "
+                             "`maml train` and `maml baseline` print) nor a folder written by "
+                             "`maml export`")
+    if not args.run_ids or not all(is_export(ref) for ref in args.run_ids):
+        tracking.load_tracking_config().setup()
     report = write_report(args.out, args.families or None, args.run_ids or None,
                           command=tracking.current_command())
     print(report["compact"])
     print(f"\nReport: {report['path']} ({len(report['images'])} plots)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from flows import tracking
+    from flows.errors import UsageError
+    from flows.runrecord import export_run
+
+    bad = [r for r in args.run_ids if not tracking.is_run_id(r)]
+    if bad:
+        raise UsageError(f"{bad[0]!r} is not an MLflow run id (32 hex digits, as `maml train` "
+                         "and `maml baseline` print)")
+    tracking.load_tracking_config().setup()
+    runs = [tracking.get_run(r) for r in dict.fromkeys(args.run_ids)]  # all exist, first
+    for run in runs:
+        path = export_run(run.info.run_id, args.out)
+        print(f"{run.info.run_id} ({run.info.run_name}, {run.info.status}) -> {path}")
     return 0
 
 
@@ -351,7 +378,7 @@ def cmd_lineage(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "baseline": cmd_baseline,
-            "report": cmd_report, "retrain": cmd_retrain,
+            "report": cmd_report, "export": cmd_export, "retrain": cmd_retrain,
             "schedule": cmd_schedule, "stage": cmd_stage, "ui": cmd_ui, "lineage": cmd_lineage}
 
 

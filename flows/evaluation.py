@@ -10,6 +10,8 @@ from prefect import flow, runtime
 from flows import plots, tracking
 from flows.config import load_run_config
 from flows.errors import UsageError
+from flows.policy_model import PolicyFileError, find_policy_files
+from flows.runrecord import MODEL_DIR, is_export
 from maml_core.checkpoint import CheckpointError, load_checkpoint
 from maml_core.config import ConfigError
 from maml_core.tasksets import load_task_set
@@ -39,16 +41,28 @@ def _learner_for(config: object, source: str, architecture: object = None) -> Me
     return learner
 
 
+def _holds_policy(path: Path) -> bool:
+    try:
+        find_policy_files(path)
+    except PolicyFileError:
+        return False
+    return path.is_dir()
+
+
 def load_model(model_ref: str) -> tuple[MetaLearner, dict]:
     """A learner holding the parameters of ``model_ref``: a registry reference
-    (``models:/name@alias``, ``models:/name/3``, ``champion``...), or a checkpoint file or
-    directory (``iter-000050.json`` / a run's ``checkpoints/``)."""
+    (``models:/name@alias``, ``models:/name/3``, ``champion``...), a checkpoint file or
+    directory (``iter-000050.json`` / a run's ``checkpoints/``), or a policy folder (an
+    exported run's ``model/``, or the exported run's folder itself)."""
     path = Path(model_ref)
+    if is_export(path):
+        path = path / MODEL_DIR
+        model_ref = str(path)
     if not path.exists() and (path.is_absolute() or path.suffix.lower() in _FILE_SUFFIXES):
         raise CheckpointError(f"checkpoint {model_ref!r} does not exist; give a checkpoint's "
                               "iter-NNNNNN.json or its folder, or a model reference like "
                               "models:/NAME@ALIAS")
-    if path.exists():
+    if path.exists() and not _holds_policy(path):
         source = f"checkpoint {model_ref!r}"
         manifest, params, _ = load_checkpoint(path)
         learner = _learner_for(manifest.get("config"), source, manifest.get("architecture"))

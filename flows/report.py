@@ -10,6 +10,10 @@ config next to the paper's protocol, or a baseline adapted with another step siz
 come from each run's ``evaluation/summary.csv`` artifact (mean and 95% CI over the held-out
 tasks per adaptation step), the paper's from ``data/maml_paper_rl_returns.csv``.
 
+A ``--run`` may also be a folder written by ``maml export`` (``flows.runrecord``): the run's
+record as plain files, committed beside a report so that the report can be remade from any
+checkout. Given only such folders, the report reads nothing from the MLflow store.
+
 Where a family describes each task by one number (``TaskFamily.task_coordinate``: the target
 velocity, the direction, navigation2d's goal distance), a per-task plot lays each run's
 ``evaluation/per_task.csv`` out along it. The held-out tasks behind it are rebuilt from the
@@ -34,6 +38,7 @@ import yaml
 from flows import plots, tracking
 from flows.config import load_run_config
 from flows.errors import UsageError
+from flows.runrecord import ExportedRecord, RunRecord, is_export, open_record
 from maml_core.config import ConfigError
 from maml_core.tasks.base import TASK_ID, get_task_family
 from maml_core.tasksets import TaskSetError, held_out_tasks
@@ -50,13 +55,16 @@ NO_COMMAND = ("not recorded (started outside the `maml` command line, or before 
 
 @dataclass
 class ReportRun:
-    """One MLflow run in the report and what it stands for."""
+    """One run in the report (from the MLflow store or an export) and what it stands for."""
 
-    run: Any  # mlflow.entities.Run
+    run: RunRecord  # an mlflow.entities.Run is wrapped
     family: str
     method: str
     k_shot: int | None  # supervised families only
     summary: pd.DataFrame
+
+    def __post_init__(self):
+        self.run = open_record(self.run)
 
     @property
     def id(self) -> str:
@@ -113,32 +121,59 @@ def _slot(run) -> tuple[str, str, int | None]:
 
 
 def _report_run(run, slot: tuple[str, str, int | None] | None = None) -> ReportRun:
+    run = open_record(run)
     family, method, k_shot = slot or _slot(run)
-    summary = tracking.read_table(run.info.run_id, "evaluation/summary.csv")
-    return ReportRun(run, family, method, k_shot, summary)
+    return ReportRun(run, family, method, k_shot, run.table("evaluation/summary.csv"))
 
 
 def select_runs(families: list[str] | None = None, run_ids: list[str] | None = None
-                ) -> tuple[dict[tuple, ReportRun], list[str]]:
-    """The runs of the report by (family, method, K), and notes on runs passed over."""
+                ) -> tuple[dict[tuple, ReportRun], list[str], str]:
+    """The runs of the report by (family, method, K), notes on runs passed over, and where
+    they were read from (for the report's first line).
+    ``run_ids`` are MLflow run ids or folders of exported runs (``maml export``); where all of
+    them are exports, the MLflow store is not read at all."""
     chosen: dict[tuple, ReportRun] = {}
     notes: list[str] = []
-    for run_id in dict.fromkeys(run_ids or []):  # a run given twice is shown once
-        run = tracking.get_run(run_id)
+    given: dict[str, str] = {}  # run id -> how it was given
+    for ref in dict.fromkeys(run_ids or []):
+        run = open_record(ref)
+        if run.info.run_id in given:  # a run given twice (by id, or as its export) shows once
+            continue
+        given[run.info.run_id] = str(ref)
         kind = run.data.tags.get("maml.kind")
         if kind not in KINDS:
-            raise UsageError(f"--run {run_id}: a {kind or 'untagged'} run (tag maml.kind); the "
+            raise UsageError(f"--run {ref}: a {kind or 'untagged'} run (tag maml.kind); the "
                              "report takes meta-train and baseline runs")
         slot = _slot(run)
         if families and slot[0] not in families:
-            raise UsageError(f"--run {run_id} is a {slot[0]} run, but --family asks for "
+            raise UsageError(f"--run {ref} is a {slot[0]} run, but --family asks for "
                              f"{', '.join(families)} only; add --family {slot[0]}")
         if slot in chosen:  # a second run of a family and method: a variant beside the first
             slot = (slot[0], _variant(run, slot[1]), slot[2])
         if slot in chosen:
-            raise UsageError(f"--run {chosen[slot].id} and --run {run_id} are both the "
+            raise UsageError(f"--run {given[chosen[slot].id]} and --run {ref} are both the "
                              f"{slot[1]} run of {slot[0]}; give one of them")
         chosen[slot] = _report_run(run, slot)
+    exports = sorted({_code(str(Path(ref).parent)) for ref in run_ids or [] if is_export(ref)})
+    where = f"exported runs under {', '.join(exports)}" if exports else ""
+    if not run_ids or not all(is_export(ref) for ref in run_ids):
+        where = " and ".join(filter(None, [_pick_latest(chosen, notes, families), where]))
+    if not chosen:
+        raise UsageError(f"no FINISHED meta-train or baseline runs"
+                         f"{' of ' + ', '.join(families) if families else ''} in {where}; "
+                         "make them first, e.g. `maml train configs/navigation2d.yaml` and "
+                         "`maml baseline configs/navigation2d.yaml --method pretrained`")
+    missing = [f for f in families or [] if not any(s[0] == f for s in chosen)]
+    if missing:
+        raise UsageError(f"no FINISHED meta-train or baseline runs of {', '.join(missing)} in "
+                         f"{where}; leave out --family {missing[0]} or make runs for it first")
+    return chosen, notes, where
+
+
+def _pick_latest(chosen: dict[tuple, ReportRun], notes: list[str],
+                 families: list[str] | None) -> str:
+    """Fill the slots not given with the store's latest FINISHED run of each; returns where
+    it looked, for messages."""
     candidates = [run for kind in KINDS for run in tracking.search_runs(
         f"attributes.status = 'FINISHED' and tags.`maml.kind` = '{kind}'")]
     candidates.sort(key=lambda r: r.info.start_time or 0, reverse=True)
@@ -151,17 +186,7 @@ def select_runs(families: list[str] | None = None, run_ids: list[str] | None = N
         except tracking.TrackingError as exc:  # e.g. a run finished before its tables
             notes.append(f"run {run.info.run_id} ({slot[1]}, {slot[0]}) passed over: {exc}")
     cfg = tracking.active_config()
-    where = f"experiment {cfg.experiment_name!r} of {cfg.tracking_uri}"
-    if not chosen:
-        raise UsageError(f"no FINISHED meta-train or baseline runs"
-                         f"{' of ' + ', '.join(families) if families else ''} in {where}; "
-                         "make them first, e.g. `maml train configs/navigation2d.yaml` and "
-                         "`maml baseline configs/navigation2d.yaml --method pretrained`")
-    missing = [f for f in families or [] if not any(s[0] == f for s in chosen)]
-    if missing:
-        raise UsageError(f"no FINISHED meta-train or baseline runs of {', '.join(missing)} in "
-                         f"{where}; leave out --family {missing[0]} or make runs for it first")
-    return chosen, notes
+    return f"MLflow experiment `{cfg.experiment_name}` at `{cfg.tracking_uri}`"
 
 
 # ------------------------------------------------------------------------------- numbers
@@ -184,8 +209,7 @@ def _seconds(report_run: ReportRun) -> float | None:
     if not (info.end_time and info.start_time):
         return None
     starts = [info.start_time] + [1000 * ts for ts, _, _ in report_run.resumes]
-    recorded = (tracking.metric_timestamps(report_run.id, "seconds_iteration")
-                if len(starts) > 1 else [])
+    recorded = report_run.run.timestamps("seconds_iteration") if len(starts) > 1 else []
     ends = [max((t for t in recorded if start <= t < following), default=start)
             for start, following in itertools.pairwise(starts)] + [info.end_time]
     return sum(max(end - start, 0) for start, end in zip(starts, ends, strict=True)) / 1000.0
@@ -194,8 +218,7 @@ def _seconds(report_run: ReportRun) -> float | None:
 def cost(report_run: ReportRun) -> dict[str, float | None]:
     """Wall-clock time of the run, its training time (sum of ``seconds_iteration``; baselines:
     ``train_seconds``) and the environment steps it took (sum of ``env_steps``)."""
-    run_id = report_run.id
-    history = tracking.metric_history(run_id, ["seconds_iteration", "env_steps"])
+    history = report_run.run.history(["seconds_iteration", "env_steps"])
     train = report_run.run.data.metrics.get("train_seconds")
     if train is None and "seconds_iteration" in history:
         train = float(history["seconds_iteration"].sum())
@@ -269,8 +292,10 @@ def _runs_list(runs: list[ReportRun]) -> list[str]:
         started = (datetime.datetime.fromtimestamp(info.start_time / 1000, datetime.UTC)
                    .strftime("%Y-%m-%d %H:%M UTC") if info.start_time else "?")
         commit = (tags.get(tracking.TAG_GIT_COMMIT) or "unknown")[:10]
+        export = f", read from {_code(str(r.run.folder))}" if isinstance(
+            r.run, ExportedRecord) else ""
         lines.append(f"- {r.label}: run `{r.id}` ({info.run_name}, {info.status}, started "
-                     f"{started}, git {commit}): "
+                     f"{started}, git {commit}{export}): "
                      + (_code(r.command) if r.command else f"command {NO_COMMAND}"))
         for _, iteration, command in r.resumes:
             lines.append(f"  - resumed at iteration {iteration}: "
@@ -316,7 +341,7 @@ def _learning_curves(runs: list[ReportRun], family: str, out: Path) -> list[str]
     for r in runs:
         if r.method.split(" ")[0] != "maml":
             continue
-        history = tracking.metric_history(r.id, list(CURVE_KEYS))
+        history = r.run.history(list(CURVE_KEYS))
         if history.empty:
             lines.append(f"Run `{r.id}` recorded no per-iteration returns; no learning curve.")
             continue
@@ -343,17 +368,19 @@ def _adaptation_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]
 
 
 def held_out_task_table(run) -> tuple[pd.DataFrame | None, Any]:
-    """The held-out tasks the MLflow ``run`` was evaluated on, rebuilt from its ``config.yaml``
+    """The held-out tasks the ``run`` (an MLflow run or a ``RunRecord``) was evaluated on,
+    rebuilt from its ``config.yaml``
     (its ``task.test_tasks`` file, or the seeded draw) and accepted only if the table has the
     digest of an evaluation dataset the run logged: ``(tasks, family)``, or ``(None, why)``.
     A task file that is missing or changed at the recorded path (e.g. one recorded in another
     checkout) is also looked for in this repository's ``data/``."""
-    logged = [d for d in tracking.logged_datasets(run) if d["context"] == "evaluation"]
+    run = open_record(run)
+    logged = [d for d in run.datasets() if d["context"] == "evaluation"]
     if not logged:
         return None, "it logged no held-out task set"
     digests = {d["digest"] for d in logged}
     try:
-        data = yaml.safe_load(tracking.read_text(run.info.run_id, "config.yaml"))
+        data = yaml.safe_load(run.text("config.yaml"))
         data = {**data, "device": "cpu"}  # rebuilding tasks needs no accelerator
         config = load_run_config(data=data)
         family = config.family()
@@ -385,7 +412,7 @@ def _per_task_panel(report_run: ReportRun) -> tuple[str, pd.DataFrame] | str:
         return "its family describes a task by no single number"
     coordinate, values = described
     try:
-        per_task = tracking.read_table(report_run.id, "evaluation/per_task.csv")
+        per_task = report_run.run.table("evaluation/per_task.csv")
     except tracking.TrackingError as exc:
         return str(exc)
     if "return" not in per_task or set(per_task[TASK_ID]) != set(tasks[TASK_ID]):
@@ -489,13 +516,13 @@ def _supervised_section(family: str, runs: list[ReportRun], out: Path
 
 def write_report(out: str | Path = "docs/results", families: list[str] | None = None,
                  run_ids: list[str] | None = None, command: str | None = None) -> dict:
-    """Write ``out/README.md`` and its PNG plots from the configured MLflow store; returns
-    the path, the plots, the runs by (family, method, K) and a compact text version."""
+    """Write ``out/README.md`` and its PNG plots from the configured MLflow store and the
+    exported runs among ``run_ids``; returns the path, the plots, the runs by (family, method,
+    K) and a compact text version."""
     families = list(dict.fromkeys(families or [])) or None
-    chosen, notes = select_runs(families, run_ids)
+    chosen, notes, where = select_runs(families, run_ids)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = tracking.active_config()
     by_family: dict[str, list[ReportRun]] = {}
     for r in chosen.values():
         by_family.setdefault(r.family, []).append(r)
@@ -503,8 +530,7 @@ def write_report(out: str | Path = "docs/results", families: list[str] | None = 
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = ["# Results: our runs beside the paper's", "",
              f"Made by {_code(command) if command else '`flows.report.write_report` (Python)'} "
-             f"on {now}, from MLflow experiment `{cfg.experiment_name}` at "
-             f"`{cfg.tracking_uri}`.", "",
+             f"on {now}, from {where}.", "",
              "Ours: for each task family the latest FINISHED `maml train` run (MAML) and "
              "`maml baseline` run per method (unless chosen with `--run`), read from each run's "
              "`evaluation/summary.csv`. Paper: Finn, Abbeel & Levine (2017), "

@@ -415,6 +415,11 @@ def start_run(cfg: TrackingConfig | None = None, run_name: str | None = None,
     return run.info.run_id
 
 
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` looks like an MLflow run id (32 hex digits)."""
+    return bool(_RUN_ID.fullmatch(text))
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     """Mark a run FINISHED / FAILED / KILLED."""
     _client().set_terminated(run_id, status=status)
@@ -614,15 +619,22 @@ def metric_history(run_id: str, keys: list[str] | tuple[str, ...]) -> pd.DataFra
     """Wide table of the metrics' histories: column ``iteration`` (the step) and one column per
     key that was logged (empty DataFrame if none was)."""
     client = _client()
+    return wide_history({key: [(m.step, m.value, m.timestamp)
+                               for m in client.get_metric_history(run_id, key)]
+                         for key in keys})
+
+
+def wide_history(histories: Mapping[str, list[tuple[int, float, int]]]) -> pd.DataFrame:
+    """``metric_history``'s table from ``(step, value, timestamp)`` records per key: the last
+    write wins where a step was recorded twice (a retried or resumed iteration)."""
     series = {}
-    for key in keys:
-        history = client.get_metric_history(run_id, key)
-        if history:
-            latest: dict[int, Metric] = {}
-            for m in history:  # the last write wins if a step was recorded twice
-                if m.step not in latest or m.timestamp >= latest[m.step].timestamp:
-                    latest[m.step] = m
-            series[key] = pd.Series({s: m.value for s, m in latest.items()}, dtype=float)
+    for key, records in histories.items():
+        latest: dict[int, tuple[int, float]] = {}
+        for step, value, timestamp in records:
+            if step not in latest or timestamp >= latest[step][0]:
+                latest[step] = (timestamp, value)
+        if latest:
+            series[key] = pd.Series({s: v for s, (_, v) in latest.items()}, dtype=float)
     if not series:
         return pd.DataFrame()
     table = pd.DataFrame(series).sort_index()
@@ -1001,6 +1013,11 @@ def _download_logged_model(model_id: str, dst: str) -> Path:
             raise TrackingError(f"logged model {model_id!r} does not exist") from None
         raise
     return _download(f"{location.rstrip('/')}/artifacts", dst)
+
+
+def download_run_model(run_id: str, dst: str) -> Path:
+    """The ``artifacts/`` folder of the run's last logged model, downloaded under ``dst``."""
+    return _download_logged_model(_run_model_id(run_id), dst)
 
 
 def _run_model_id(run_id: str) -> str:

@@ -5,6 +5,7 @@ their own."""
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import time
 import uuid
@@ -147,7 +148,7 @@ def test_report_bad_input(store, tmp_path, capsys, monkeypatch):
     cases = [
         (["report", "--out", str(tmp_path), "--family", "ant-vel"],
          "no FINISHED meta-train or baseline runs of ant-vel"),
-        (["report", "--out", str(tmp_path), "--run", "nope"], "not an MLflow run id"),
+        (["report", "--out", str(tmp_path), "--run", "nope"], "is neither an MLflow run id"),
         (["report", "--out", str(tmp_path), "--run", "0" * 32], "does not exist"),
     ]
     for argv, expected in cases:
@@ -157,7 +158,7 @@ def test_report_bad_input(store, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"empty-{uuid.uuid4().hex[:8]}")
     assert main(["report", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "no FINISHED meta-train or baseline runs in experiment" in err
+    assert "no FINISHED meta-train or baseline runs in MLflow experiment" in err
     assert "maml baseline" in err  # how to make some
     assert not (tmp_path / "README.md").exists()
 
@@ -286,3 +287,143 @@ def test_per_task_plot_rebuilds_each_runs_held_out_tasks_and_checks_their_digest
         assert f"(run `{second.info.run_id}`): no task table with the digest it logged" in text
         assert str(tmp_path / "r2" / "navigation2d-per-task.png") in report["images"]
         assert (tmp_path / "r2" / "navigation2d-per-task.png").read_bytes().startswith(PNG)
+
+
+def _comparable(text: str) -> list[str]:
+    """A report's lines without its first line's command, date and source, and without the
+    runs list's note of the export each run was read from."""
+    lines = text.splitlines()
+    return [re.sub(r", read from `[^`]*`\)", ")", line) for line in lines
+            if not line.startswith("Made by ")]
+
+
+def test_exported_runs_remake_the_report_without_the_store(store, tmp_path, monkeypatch,
+                                                            capsys):
+    """``maml export`` writes each run as plain files; ``maml report --run FOLDER`` remakes
+    from them alone the same report (numbers, resumes, costs, plots) as from the store, and
+    the exported model loads like the run's."""
+    import pandas as pd
+    import torch
+    import yaml
+
+    from flows import tracking
+    from flows.cli import main
+    from flows.config import load_run_config
+    from flows.evaluation import evaluate_model
+    from flows.training import store_root
+    from maml_core.checkpoint import latest_checkpoint
+    from maml_core.trainer import MetaLearner
+
+    ids = [store["runs"][kind].info.run_id for kind in ("meta-train", "baseline")]
+    runs = tmp_path / "runs"
+    assert main(["export", *ids, "--out", str(runs)]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{i} (" in printed for i in ids), printed
+    train = runs / ids[0]
+    for name in ("run.yaml", "metrics.csv", "artifacts/config.yaml",
+                 "artifacts/evaluation/summary.csv", "artifacts/evaluation/per_task.csv",
+                 "model/iter-000004.json", "model/iter-000004.safetensors"):
+        assert (train / name).is_file(), name  # no logged model: the last checkpoint
+    assert not list(runs.glob(".*"))  # no work folder left behind
+
+    assert main(["report", "--out", str(tmp_path / "from-store"), "--run", *ids]) == 0
+    # From here on the store is somewhere that does not exist: reading it would create it.
+    nowhere = tmp_path / "no-store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{nowhere / 'mlflow.db'}")
+    monkeypatch.setattr(tracking, "_ACTIVE", None)
+    exported = [str(runs / i) for i in ids]
+    assert main(["report", "--out", str(tmp_path / "from-export"), "--run", *exported]) == 0
+    assert not nowhere.exists()
+    capsys.readouterr()
+
+    texts = {w: (tmp_path / w / "README.md").read_text() for w in ("from-store", "from-export")}
+    assert f"from exported runs under `{runs}`." in texts["from-export"].splitlines()[2]
+    assert f"git {store['runs']['meta-train'].data.tags['maml.git_commit'][:10]}, read from " \
+           f"`{train}`)" in texts["from-export"]
+    assert _comparable(texts["from-export"]) == _comparable(texts["from-store"])
+    assert "resumed at iteration 2" in texts["from-export"]
+    images = sorted(p.name for p in (tmp_path / "from-store").glob("*.png"))
+    assert len(images) == 3
+    for name in images:
+        assert ((tmp_path / "from-export" / name).read_bytes()
+                == (tmp_path / "from-store" / name).read_bytes()), name
+
+    monkeypatch.undo()
+    tracking.load_tracking_config().setup()
+
+    def curve(ref: str):
+        return evaluate_model(ref, steps=1, episodes_per_task=2, log=False)["curve"]
+
+    checkpoints = str(store_root() / ids[0] / "checkpoints")
+    pd.testing.assert_frame_equal(curve(str(train)), curve(checkpoints))
+
+    # With a logged policy, model/ holds it, and it evaluates like the run's.
+    learner = MetaLearner(load_run_config(data=yaml.safe_load(
+        (train / "artifacts" / "config.yaml").read_text())))
+    learner.restore(latest_checkpoint(checkpoints))
+    tracking.log_policy_model(ids[0], learner, f"export-{uuid.uuid4().hex[:8]}")
+    learner.close()
+    assert main(["export", ids[0], "--out", str(runs)]) == 0
+    assert sorted(p.name for p in (train / "model").iterdir()) == ["params.safetensors",
+                                                                    "policy.json"]
+    _, theirs, _, _ = tracking.load_policy(ids[0])
+    _, ours, _, info = tracking.load_policy(str(train / "model"))
+    assert info["run_id"] == ids[0] and theirs.keys() == ours.keys()
+    for key, value in theirs.items():
+        assert torch.equal(value, ours[key]), key
+    pd.testing.assert_frame_equal(curve(ids[0]), curve(str(train)))
+    pd.testing.assert_frame_equal(curve(ids[0]), curve(checkpoints))
+
+
+def test_export_again_replaces_an_export_only_once_complete(store, tmp_path, monkeypatch):
+    """A re-export that fails half-way leaves the earlier export as it was, and no work
+    folder; one that succeeds replaces it."""
+    from flows import runrecord
+
+    run_id = store["runs"]["meta-train"].info.run_id
+    first = runrecord.export_run(run_id, tmp_path)
+    before = (first / "run.yaml").read_text()
+    (first / "mark").write_text("the first export")
+
+    def broken(run, dest):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runrecord, "_copy_model", broken)
+    with pytest.raises(OSError, match="disk full"):
+        runrecord.export_run(run_id, tmp_path)
+    assert (first / "run.yaml").read_text() == before and (first / "mark").is_file()
+    assert list((first / "model").glob("*.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run_id]
+    monkeypatch.undo()
+    again = runrecord.export_run(run_id, tmp_path)
+    assert again == first and not (again / "mark").exists()
+    assert (again / "run.yaml").is_file() and list((again / "model").glob("*.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run_id]
+
+
+def test_export_and_report_bad_input(store, tmp_path, capsys):
+    from flows.cli import main
+
+    run_id = store["runs"]["baseline"].info.run_id
+    (tmp_path / "empty").mkdir()
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "run.yaml").write_text("format: 99\n")
+    cases = [
+        (["export", "nope"], "'nope' is not an MLflow run id"),
+        (["export", "0" * 32], "does not exist"),
+        (["report", "--out", str(tmp_path / "r"), "--run", str(tmp_path / "empty")],
+         "nor a folder written by `maml export`"),
+        (["report", "--out", str(tmp_path / "r"), "--run", str(wrong)],
+         "is not an exported run of format 1; export the run again"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "r" / "README.md").exists()
+    assert main(["export", run_id, "--out", str(tmp_path / "x")]) == 0
+    both = ["report", "--out", str(tmp_path / "r"), "--run", run_id, str(tmp_path / "x" / run_id)]
+    assert main(both) == 0  # the same run by id and as its export: shown once
+    text = (tmp_path / "r" / "README.md").read_text()
+    assert text.count(f"run `{run_id}` (") == 1
