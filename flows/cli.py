@@ -289,16 +289,12 @@ def cmd_baseline(args) -> int:
 
 def cmd_report(args) -> int:
     from flows import tracking
-    from flows.errors import UsageError
     from flows.report import write_report
-    from flows.runrecord import is_export
+    from flows.runrecord import check_ref, exports_only
 
     for ref in args.run_ids:
-        if not (tracking.is_run_id(ref) or is_export(ref)):
-            raise UsageError(f"--run {ref!r} is neither an MLflow run id (32 hex digits, as "
-                             "`maml train` and `maml baseline` print) nor a folder written by "
-                             "`maml export`")
-    if not args.run_ids or not all(is_export(ref) for ref in args.run_ids):
+        check_ref(ref)
+    if not exports_only(args.run_ids):
         tracking.load_tracking_config().setup()
     report = write_report(args.out, args.families or None, args.run_ids or None,
                           command=tracking.current_command())
@@ -310,7 +306,7 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from flows import tracking
     from flows.errors import UsageError
-    from flows.runrecord import export_run
+    from flows.runrecord import ARTIFACTS_DIR, export_run
 
     bad = [r for r in args.run_ids if not tracking.is_run_id(r)]
     if bad:
@@ -321,6 +317,12 @@ def cmd_export(args) -> int:
     for run in runs:
         path = export_run(run.info.run_id, args.out)
         print(f"{run.info.run_id} ({run.info.run_name}, {run.info.status}) -> {path}")
+        if run.info.status != "FINISHED":
+            print(f"  warning: the run is {run.info.status}; this export is a snapshot: export "
+                  "it again once it has finished")
+        if not (path / ARTIFACTS_DIR / "evaluation" / "summary.csv").is_file():
+            print("  warning: the run has no evaluation/summary.csv, so `maml report` cannot "
+                  "show it")
     return 0
 
 

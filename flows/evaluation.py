@@ -11,7 +11,7 @@ from flows import plots, tracking
 from flows.config import load_run_config
 from flows.errors import UsageError
 from flows.policy_model import PolicyFileError, find_policy_files
-from flows.runrecord import MODEL_DIR, is_export
+from flows.runrecord import MODEL_DIR, ExportedRecord, is_export
 from maml_core.checkpoint import CheckpointError, load_checkpoint
 from maml_core.config import ConfigError
 from maml_core.tasksets import load_task_set
@@ -55,9 +55,33 @@ def load_model(model_ref: str) -> tuple[MetaLearner, dict]:
     directory (``iter-000050.json`` / a run's ``checkpoints/``), or a policy folder (an
     exported run's ``model/``, or the exported run's folder itself)."""
     path = Path(model_ref)
-    if is_export(path):
+    export = ExportedRecord(path) if is_export(path) else None
+    if export is not None:
         path = path / MODEL_DIR
         model_ref = str(path)
+        if not path.is_dir():
+            raise UsageError(f"the exported run {str(export.folder)!r} has no {MODEL_DIR}/: the "
+                             "run had logged neither a policy nor a checkpoint when it was "
+                             "exported; export it again once it has, or evaluate another run")
+    learner, info = _load_learner(model_ref, path, export)
+    if export is not None:
+        info.setdefault("run_id", export.info.run_id)
+    return learner, info
+
+
+def _with_task_copy(config: object, export: ExportedRecord | None) -> object:
+    """An exported run's config names its task file by a path of the machine that made it;
+    where that path holds no file here, the export's copy of the file stands in."""
+    task = config.get("task") if isinstance(config, dict) else None
+    copy = export.task_file() if export is not None else None
+    if (not isinstance(task, dict) or not task.get("test_tasks") or copy is None
+            or Path(task["test_tasks"]).is_file()):
+        return config
+    return {**config, "task": {**task, "test_tasks": str(copy)}}
+
+
+def _load_learner(model_ref: str, path: Path, export: ExportedRecord | None
+                  ) -> tuple[MetaLearner, dict]:
     if not path.exists() and (path.is_absolute() or path.suffix.lower() in _FILE_SUFFIXES):
         raise CheckpointError(f"checkpoint {model_ref!r} does not exist; give a checkpoint's "
                               "iter-NNNNNN.json or its folder, or a model reference like "
@@ -65,7 +89,8 @@ def load_model(model_ref: str) -> tuple[MetaLearner, dict]:
     if path.exists() and not _holds_policy(path):
         source = f"checkpoint {model_ref!r}"
         manifest, params, _ = load_checkpoint(path)
-        learner = _learner_for(manifest.get("config"), source, manifest.get("architecture"))
+        learner = _learner_for(_with_task_copy(manifest.get("config"), export), source,
+                               manifest.get("architecture"))
         try:
             learner.load_params(params, source)
         except BaseException:
@@ -74,7 +99,7 @@ def load_model(model_ref: str) -> tuple[MetaLearner, dict]:
         return learner, {"source": str(path), "iteration": manifest["iteration"]}
     _, params, config, info = tracking.load_policy(model_ref)
     source = f"model {model_ref!r}"
-    learner = _learner_for(config, source, info.get("architecture"))
+    learner = _learner_for(_with_task_copy(config, export), source, info.get("architecture"))
     try:
         learner.load_model_params(params, source)
     except BaseException:

@@ -38,7 +38,7 @@ import yaml
 from flows import plots, tracking
 from flows.config import load_run_config
 from flows.errors import UsageError
-from flows.runrecord import ExportedRecord, RunRecord, is_export, open_record
+from flows.runrecord import ExportedRecord, RunRecord, exports_only, open_record
 from maml_core.config import ConfigError
 from maml_core.tasks.base import TASK_ID, get_task_family
 from maml_core.tasksets import TaskSetError, held_out_tasks
@@ -154,10 +154,12 @@ def select_runs(families: list[str] | None = None, run_ids: list[str] | None = N
             raise UsageError(f"--run {given[chosen[slot].id]} and --run {ref} are both the "
                              f"{slot[1]} run of {slot[0]}; give one of them")
         chosen[slot] = _report_run(run, slot)
-    exports = sorted({_code(str(Path(ref).parent)) for ref in run_ids or [] if is_export(ref)})
-    where = f"exported runs under {', '.join(exports)}" if exports else ""
-    if not run_ids or not all(is_export(ref) for ref in run_ids):
-        where = " and ".join(filter(None, [_pick_latest(chosen, notes, families), where]))
+    sources = [] if exports_only(run_ids) else [_pick_latest(chosen, notes, families)]
+    exports = sorted({_code(str(r.run.folder.parent)) for r in chosen.values()
+                      if isinstance(r.run, ExportedRecord)})
+    if exports:
+        sources.append(f"exported runs under {', '.join(exports)}")
+    where = " and ".join(sources)
     if not chosen:
         raise UsageError(f"no FINISHED meta-train or baseline runs"
                          f"{' of ' + ', '.join(families) if families else ''} in {where}; "
@@ -369,15 +371,21 @@ def _adaptation_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]
 
 def held_out_task_table(run) -> tuple[pd.DataFrame | None, Any]:
     """The held-out tasks the ``run`` (an MLflow run or a ``RunRecord``) was evaluated on,
-    rebuilt from its ``config.yaml``
-    (its ``task.test_tasks`` file, or the seeded draw) and accepted only if the table has the
-    digest of an evaluation dataset the run logged: ``(tasks, family)``, or ``(None, why)``.
-    A task file that is missing or changed at the recorded path (e.g. one recorded in another
-    checkout) is also looked for in this repository's ``data/``."""
+    rebuilt from its ``config.yaml`` (its ``task.test_tasks`` file, or the seeded draw) and
+    accepted only if the table has the digest of an evaluation dataset the run logged:
+    ``(tasks, family)``, or ``(None, why)``. A task file that is missing or changed at the
+    recorded path (e.g. one recorded in another checkout) is also looked for in an export's
+    copy and in this repository's ``data/``."""
+    tasks, family_or_why, _ = held_out_task_source(run)
+    return tasks, family_or_why
+
+
+def held_out_task_source(run) -> tuple[pd.DataFrame | None, Any, Path | None]:
+    """``held_out_task_table`` and the task file it read (None for a seeded draw)."""
     run = open_record(run)
     logged = [d for d in run.datasets() if d["context"] == "evaluation"]
     if not logged:
-        return None, "it logged no held-out task set"
+        return None, "it logged no held-out task set", None
     digests = {d["digest"] for d in logged}
     try:
         data = yaml.safe_load(run.text("config.yaml"))
@@ -386,10 +394,12 @@ def held_out_task_table(run) -> tuple[pd.DataFrame | None, Any]:
         family = config.family()
     except (tracking.TrackingError, ConfigError, yaml.YAMLError, TypeError,
             ValueError) as exc:
-        return None, f"its config.yaml could not be read or validated ({exc})"
+        return None, f"its config.yaml could not be read or validated ({exc})", None
     paths = [config.task.test_tasks]
     if config.task.test_tasks:
-        paths.append(str(DATA / Path(config.task.test_tasks).name))
+        copy = run.task_file()
+        paths = [*([str(copy)] if copy else []), config.task.test_tasks,
+                 str(DATA / Path(config.task.test_tasks).name)]
     for path in dict.fromkeys(paths):
         task = config.task.model_copy(update={"test_tasks": path})
         try:
@@ -397,9 +407,9 @@ def held_out_task_table(run) -> tuple[pd.DataFrame | None, Any]:
         except (TaskSetError, ValueError, TypeError):
             continue
         if tracking.dataset_digest(tasks) in digests:
-            return tasks, family
+            return tasks, family, Path(path) if path else None
     return None, (f"no task table with the digest it logged ({', '.join(sorted(digests))}, "
-                  f"from {logged[-1]['source']}) is found here")
+                  f"from {logged[-1]['source']}) is found here"), None
 
 
 def _per_task_panel(report_run: ReportRun) -> tuple[str, pd.DataFrame] | str:

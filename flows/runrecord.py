@@ -33,6 +33,7 @@ import yaml
 from flows import tracking
 from flows.errors import UsageError, one_line
 from flows.policy_model import PolicyFileError, find_policy_files
+from maml_core.checkpoint import latest_checkpoint
 
 FORMAT = 1
 RUN_FILE = "run.yaml"
@@ -40,6 +41,7 @@ METRICS_FILE = "metrics.csv"
 ARTIFACTS_DIR = "artifacts"
 MODEL_DIR = "model"
 EXPORTED_ARTIFACTS = ("config.yaml", "evaluation")  # what a report reads of a run
+TASKS_DIR = "tasks"  # under artifacts/: a copy of the held-out task file, if the run named one
 METRIC_COLUMNS = ["key", "step", "value", "timestamp"]
 
 
@@ -88,6 +90,10 @@ class RunRecord:
         """``tracking.logged_datasets``'s list."""
         raise NotImplementedError
 
+    def task_file(self) -> Path | None:
+        """A copy of the held-out task file kept with the record (exports only)."""
+        return None
+
 
 class StoreRecord(RunRecord):
     """A run of the configured MLflow store."""
@@ -117,7 +123,7 @@ class ExportedRecord(RunRecord):
     """A run exported by ``export_run``: a folder holding ``run.yaml``."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+        self.folder = _shown(Path(folder))
         self.where = f"the export {str(self.folder)!r}"
         path = self.folder / RUN_FILE
         try:
@@ -126,13 +132,18 @@ class ExportedRecord(RunRecord):
             raise UsageError(f"{str(path)!r} cannot be read as an exported run "
                              f"({one_line(exc)}); export the run again with "
                              "`maml export RUN_ID`") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise UsageError(f"{str(path)!r} is not an exported run of format {FORMAT}; "
+        if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
+            raise UsageError(f"{str(path)!r} is not an exported run (no format number); "
                              "export the run again with `maml export RUN_ID`")
+        if meta["format"] > FORMAT:
+            raise UsageError(f"{str(path)!r} was written in export format {meta['format']} by "
+                             f"a newer version of this project, which reads format {FORMAT} "
+                             "only; update this checkout")
         info = meta.get("info") or {}
         self.info = RunInfo(**{k: info.get(k) for k in RunInfo.__dataclass_fields__})
         if not tracking.is_run_id(str(self.info.run_id)):
-            raise UsageError(f"{str(path)!r} names no run id (info.run_id)")
+            raise UsageError(f"{str(path)!r} names no run id (info.run_id): it was edited or "
+                             "cut short; export the run again with `maml export RUN_ID`")
         self.data = RunData(**{k: {str(a): b for a, b in (meta.get(k) or {}).items()}
                                for k in ("tags", "params", "metrics")})
         self.meta = meta
@@ -141,17 +152,20 @@ class ExportedRecord(RunRecord):
     def _artifact(self, artifact_file: str) -> Path:
         path = self.folder / ARTIFACTS_DIR / artifact_file
         if not path.is_file():
-            raise tracking.TrackingError(f"run {self.info.run_id} ({self.where}) has no "
-                                         f"artifact {artifact_file!r}")
+            raise tracking.TrackingError(
+                f"run {self.info.run_id} ({self.where}) has no artifact {artifact_file!r}: it "
+                "had none when it was exported; once the run has it (e.g. after `maml train "
+                f"--resume {self.info.run_id}`), export it again")
         return path
 
     def table(self, artifact_file: str) -> pd.DataFrame:
-        suffix = Path(artifact_file).suffix
-        if suffix not in (".csv", ".parquet", ".pq"):
-            raise tracking.TrackingError(f"table artifact {artifact_file!r}: use a .parquet or "
-                                         ".csv name")
-        path = self._artifact(artifact_file)
-        return pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        read = tracking.table_reader(artifact_file)
+        return read(self._artifact(artifact_file))
+
+    def task_file(self) -> Path | None:
+        """The copy of the held-out task file the run was evaluated on, if it named one."""
+        found = sorted((self.folder / ARTIFACTS_DIR / TASKS_DIR).glob("*"))
+        return found[0] if found else None
 
     def text(self, artifact_file: str) -> str:
         return self._artifact(artifact_file).read_text(encoding="utf-8")
@@ -160,7 +174,8 @@ class ExportedRecord(RunRecord):
         """``metrics.csv``: every recorded value (empty if the run recorded none)."""
         if self._metrics is None:
             path = self.folder / METRICS_FILE
-            self._metrics = (pd.read_csv(path, dtype={"key": str}) if path.is_file()
+            self._metrics = (pd.read_csv(path, dtype={"key": str},
+                                         float_precision="round_trip") if path.is_file()
                              else pd.DataFrame(columns=METRIC_COLUMNS))
         return self._metrics
 
@@ -183,19 +198,38 @@ def is_export(ref: str | Path) -> bool:
     return (Path(ref) / RUN_FILE).is_file()
 
 
+def exports_only(refs: list[str] | None) -> bool:
+    """Whether ``refs`` are all export folders (then the MLflow store is not read)."""
+    return bool(refs) and all(is_export(ref) for ref in refs)
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory where it lies below it (what a committed
+    report should name), else as given."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()) if path.is_absolute() else path
+    except ValueError:
+        return path
+
+
+def check_ref(ref: str, flag: str = "--run") -> None:
+    """``UsageError`` unless ``ref`` is an MLflow run id or an export folder."""
+    if not (tracking.is_run_id(str(ref)) or is_export(ref)):
+        raise UsageError(f"{flag} {str(ref)!r} is neither an MLflow run id (32 hex digits, as "
+                         "`maml train` and `maml baseline` print) nor a folder written by "
+                         f"`maml export` (one holding {RUN_FILE})")
+
+
 def open_record(ref: Any) -> RunRecord:
     """A record from a run id, an export folder, an MLflow ``Run`` or a record."""
     if isinstance(ref, RunRecord):
         return ref
     if not isinstance(ref, str | Path):
         return StoreRecord(ref)  # an mlflow.entities.Run
+    check_ref(str(ref))
     if is_export(ref):
         return ExportedRecord(ref)
-    if tracking.is_run_id(str(ref)):
-        return StoreRecord(tracking.get_run(str(ref)))
-    raise UsageError(f"{str(ref)!r} is neither an MLflow run id (32 hex digits, as `maml train` "
-                     f"and `maml baseline` print) nor a folder holding an exported run's "
-                     f"{RUN_FILE} (`maml export RUN_ID`)")
+    return StoreRecord(tracking.get_run(str(ref)))
 
 
 # ------------------------------------------------------------------------------- export
@@ -211,26 +245,37 @@ def _copy_artifacts(run_id: str, dest: Path) -> list[str]:
     return copied
 
 
+def _copy_task_file(run, dest: Path) -> str | None:
+    """Copy the held-out task file the run was evaluated on (the one with the digest it
+    logged) into ``dest``: the run's config names it by a path of the machine that made it."""
+    from flows.report import held_out_task_source
+
+    _, _, path = held_out_task_source(StoreRecord(run))
+    if path is None:
+        return None  # a seeded draw, rebuilt from the config anywhere; or not rebuildable
+    dest.mkdir(parents=True)
+    shutil.copy2(path, dest / path.name)
+    return path.name
+
+
 def _copy_model(run, dest: Path) -> str | None:
     """Into ``dest``: the run's last logged policy (``params.safetensors``, ``policy.json``)
-    or, where it logged none (``pipeline.register_model: false``), its last checkpoint.
-    Returns which ("policy", "checkpoint") or None."""
+    or, where it logged none of ours (``pipeline.register_model: false``), its last
+    checkpoint. Returns which ("policy", "checkpoint") or None."""
     run_id = run.info.run_id
+    client = tracking.active_config().client()
     with tempfile.TemporaryDirectory() as tmp:
+        files, kind = [], None
         if run.outputs and run.outputs.model_outputs:
             try:
                 files = list(find_policy_files(tracking.download_run_model(run_id, tmp)))
-            except PolicyFileError:
-                files = []  # a model of another kind: not ours to read back
-            kind = "policy"
-        else:
-            client = tracking.active_config().client()
-            manifests = sorted(a.path for a in client.list_artifacts(run_id, "checkpoints")
-                               if a.path.endswith(".json"))
-            latest = manifests[-1:]
-            latest += [m.removesuffix(".json") + ".safetensors" for m in latest]
-            files = [Path(client.download_artifacts(run_id, name, tmp)) for name in latest]
-            kind = "checkpoint"
+                kind = "policy"
+            except (PolicyFileError, tracking.TrackingError):
+                files = []  # not a policy of ours, or not downloadable: try the checkpoints
+        if not files and "checkpoints" in {a.path for a in client.list_artifacts(run_id)}:
+            latest = latest_checkpoint(client.download_artifacts(run_id, "checkpoints", tmp))
+            if latest is not None:
+                files, kind = [latest, latest.with_suffix(".safetensors")], "checkpoint"
         if not files:
             return None
         dest.mkdir(parents=True)
@@ -241,28 +286,35 @@ def _copy_model(run, dest: Path) -> str | None:
 
 def export_run(run_id: str, out: str | Path = "docs/results/runs") -> Path:
     """Write ``out/<run_id>/`` (see the module's docstring) and return it. The folder is
-    written beside its place and moved there when complete, so a failure leaves an earlier
+    written beside its place and swapped in when complete, so a failure leaves an earlier
     export of the run as it was."""
     run = tracking.get_run(run_id)
     client = tracking.active_config().client()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{run.info.run_id}-", dir=out))
+    except OSError as exc:
+        raise UsageError(f"--out {str(out)!r} cannot be written ({exc.strerror or exc}); give "
+                         "a writable folder") from None
     dest = out / run.info.run_id
-    work = Path(tempfile.mkdtemp(prefix=f".{run.info.run_id}-", dir=out))
     try:
         rows = [(key, m.step, m.value, m.timestamp) for key in sorted(run.data.metrics)
                 for m in client.get_metric_history(run.info.run_id, key)]
         pd.DataFrame(rows, columns=METRIC_COLUMNS).sort_values(
-            METRIC_COLUMNS, kind="stable").to_csv(work / METRICS_FILE, index=False)
+            ["key", "step", "timestamp"], kind="stable").to_csv(work / METRICS_FILE,
+                                                                index=False)
         (work / ARTIFACTS_DIR).mkdir()
         artifacts = _copy_artifacts(run.info.run_id, work / ARTIFACTS_DIR)
+        tasks = (_copy_task_file(run, work / ARTIFACTS_DIR / TASKS_DIR)
+                 if "config.yaml" in artifacts else None)
         model = _copy_model(run, work / MODEL_DIR)
         cfg = tracking.active_config()
         meta = {
             "format": FORMAT,
             "exported": {"at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                          "from": cfg.tracking_uri, "experiment": cfg.experiment_name,
-                         "artifacts": artifacts, "model": model},
+                         "artifacts": artifacts, "task_file": tasks, "model": model},
             "info": {k: getattr(run.info, k) for k in RunInfo.__dataclass_fields__},
             "tags": dict(sorted(run.data.tags.items())),
             "params": dict(sorted(run.data.params.items())),
@@ -272,14 +324,24 @@ def export_run(run_id: str, out: str | Path = "docs/results/runs") -> Path:
         (work / RUN_FILE).write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True),
                                      encoding="utf-8")
         os.chmod(work, 0o755)  # mkdtemp's 0700 would follow the folder into the repository
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            work.rename(dest)
-            shutil.rmtree(old)
-        else:
-            work.rename(dest)
+        _swap_in(work, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest
+
+
+def _swap_in(work: Path, dest: Path) -> None:
+    """Move the complete folder ``work`` to ``dest``, replacing an earlier one only once the
+    new one is in place (it is put back if the move fails)."""
+    if not dest.exists():
+        work.rename(dest)
+        return
+    old = dest.with_name(f".{dest.name}-old")
+    shutil.rmtree(old, ignore_errors=True)
+    dest.rename(old)
+    try:
+        work.rename(dest)
+    except BaseException:
+        old.rename(dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

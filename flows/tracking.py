@@ -767,13 +767,17 @@ def _read_artifact(run_id: str, artifact_file: str, read):
         return read(path)
 
 
-def read_table(run_id: str, artifact_file: str) -> pd.DataFrame:
-    """A ``.csv`` or ``.parquet`` table artifact of a run (``TrackingError`` if missing)."""
+def table_reader(artifact_file: str):
+    """The reader of a table artifact by its suffix: ``.csv`` or ``.parquet``."""
     suffix = Path(artifact_file).suffix
     if suffix not in (".csv", ".parquet", ".pq"):
         raise TrackingError(f"table artifact {artifact_file!r}: use a .parquet or .csv name")
-    return _read_artifact(run_id, artifact_file,
-                          pd.read_csv if suffix == ".csv" else pd.read_parquet)
+    return pd.read_csv if suffix == ".csv" else pd.read_parquet
+
+
+def read_table(run_id: str, artifact_file: str) -> pd.DataFrame:
+    """A ``.csv`` or ``.parquet`` table artifact of a run (``TrackingError`` if missing)."""
+    return _read_artifact(run_id, artifact_file, table_reader(artifact_file))
 
 
 def read_text(run_id: str, artifact_file: str) -> str:

@@ -327,10 +327,17 @@ def test_exported_runs_remake_the_report_without_the_store(store, tmp_path, monk
     assert not list(runs.glob(".*"))  # no work folder left behind
 
     assert main(["report", "--out", str(tmp_path / "from-store"), "--run", *ids]) == 0
-    # From here on the store is somewhere that does not exist: reading it would create it.
+    # From here on the store is somewhere that does not exist (reading it would create it),
+    # and every way into it fails.
     nowhere = tmp_path / "no-store"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{nowhere / 'mlflow.db'}")
     monkeypatch.setattr(tracking, "_ACTIVE", None)
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("the MLflow store was read")
+
+    for name in ("_client", "get_run", "search_runs", "active_config"):
+        monkeypatch.setattr(tracking, name, no_store)
     exported = [str(runs / i) for i in ids]
     assert main(["report", "--out", str(tmp_path / "from-export"), "--run", *exported]) == 0
     assert not nowhere.exists()
@@ -409,13 +416,18 @@ def test_export_and_report_bad_input(store, tmp_path, capsys):
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     (wrong / "run.yaml").write_text("format: 99\n")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "run.yaml").write_text("- a list\n")
     cases = [
         (["export", "nope"], "'nope' is not an MLflow run id"),
         (["export", "0" * 32], "does not exist"),
         (["report", "--out", str(tmp_path / "r"), "--run", str(tmp_path / "empty")],
          "nor a folder written by `maml export`"),
         (["report", "--out", str(tmp_path / "r"), "--run", str(wrong)],
-         "is not an exported run of format 1; export the run again"),
+         "was written in export format 99 by a newer version of this project"),
+        (["report", "--out", str(tmp_path / "r"), "--run", str(broken)],
+         "is not an exported run (no format number); export the run again"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2
@@ -427,3 +439,48 @@ def test_export_and_report_bad_input(store, tmp_path, capsys):
     assert main(both) == 0  # the same run by id and as its export: shown once
     text = (tmp_path / "r" / "README.md").read_text()
     assert text.count(f"run `{run_id}` (") == 1
+
+
+def test_a_failed_swap_puts_the_earlier_export_back(tmp_path):
+    from flows.runrecord import _swap_in
+
+    dest = tmp_path / "run"
+    dest.mkdir()
+    (dest / "run.yaml").write_text("the earlier export")
+    with pytest.raises(FileNotFoundError):
+        _swap_in(tmp_path / "not-written", dest)  # the new folder cannot be moved in
+    assert (dest / "run.yaml").read_text() == "the earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_export_keeps_its_task_file_for_another_checkout(store, tmp_path):
+    """A run's config names its held-out task file by a path of the machine that made it:
+    the export keeps a copy (checked against the logged digest), which the per-task table
+    and ``maml evaluate`` use once that path holds nothing; an export without a model says
+    so."""
+    import numpy as np
+    import pandas as pd
+
+    from flows.cli import main
+    from flows.evaluation import evaluate_model
+    from flows.report import held_out_task_table
+    from flows.runrecord import ExportedRecord, export_run
+    from maml_core.tasks import get_task_family
+    from maml_core.tasksets import save_task_set
+
+    goals = get_task_family("navigation2d").sample_tasks(5, np.random.default_rng(3))
+    tasks_file = save_task_set(goals, tmp_path / "machine" / "goals.csv")
+    argv = ["train", NAV, *_sets(), "--set", f"task.test_tasks={tasks_file}"]
+    with _second_run(store, "meta-train", argv) as (_, run):
+        export = export_run(run.info.run_id, tmp_path / "runs")
+    assert (export / "artifacts" / "tasks" / "goals.csv").read_bytes() == \
+        tasks_file.read_bytes()
+    tasks_file.unlink()
+    tasks, _ = held_out_task_table(ExportedRecord(export))
+    pd.testing.assert_frame_equal(tasks, goals)
+    result = evaluate_model(str(export), steps=1, episodes_per_task=2, log=False)
+    assert sorted(result["curve"]["task_id"].unique()) == sorted(goals["task_id"])
+
+    oracle = export_run(store["runs"]["baseline"].info.run_id, tmp_path / "runs")
+    assert not (oracle / "model").exists()  # a baseline that logged no policy
+    assert main(["evaluate", str(oracle)]) == 2
