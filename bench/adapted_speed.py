@@ -15,7 +15,7 @@ the option ``com_velocity`` is paid for its centre of mass's velocity, and the a
 its torso's displacement over each step; either can differ from this mean of instantaneous
 velocities by about 0.1 m/s over an episode.
 
-    .venv/bin/python bench/adapted_speed.py RUN_ID [--steps K]
+    .venv/bin/python bench/adapted_speed.py RUN_ID|EXPORT_FOLDER [--steps K]
 
 Last line of stdout: JSON with the per-task table and, per step, the mean |velocity - target|
 and the fastest mean velocity over tasks.
@@ -34,34 +34,38 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flows import tracking
-from flows.config import load_run_config
+from flows.errors import USER_ERRORS
+from flows.evaluation import load_model
 from flows.report import held_out_task_table
+from flows.runrecord import is_export, open_record
 from maml_core.tasks.base import TASK_ID
-from maml_core.trainer import MetaLearner
 
 # Where qvel[0], the torso's x velocity, sits in each family's observation: v5's observations
 # start with qpos without the x (half-cheetah: 8 values) or x and y (ant: 13), then qvel.
 FORWARD_VELOCITY = {"halfcheetah-vel": 8, "halfcheetah-dir": 8, "ant-vel": 13, "ant-dir": 13}
 
 
-def speeds(run_id: str, steps: int | None = None) -> tuple[str, pd.DataFrame]:
+def speeds(run_ref: str, steps: int | None = None) -> tuple[str, pd.DataFrame]:
     """The task coordinate's name and, per held-out task and adaptation step, its value, the
-    mean forward velocity and the return (the run's evaluation protocol)."""
+    mean forward velocity and the return (the run's evaluation protocol). ``run_ref``: an
+    MLflow run id or a folder written by ``maml export``."""
     try:
-        run = tracking.get_run(run_id)
-        _, params, config_data, _ = tracking.load_policy(run_id)
-    except tracking.TrackingError as exc:
-        raise SystemExit(f"run {run_id}: {exc}") from None
-    config = load_run_config(data=config_data)
-    if config.task.family not in FORWARD_VELOCITY:
-        raise SystemExit(f"run {run_id} is a {config.task.family} run; this script measures "
-                         f"the half-cheetah and the ant ({', '.join(FORWARD_VELOCITY)})")
-    index = FORWARD_VELOCITY[config.task.family]
-    tasks, family_or_why = held_out_task_table(run)
+        record = open_record(run_ref)
+        learner, _ = load_model(run_ref)
+    except USER_ERRORS as exc:
+        raise SystemExit(f"run {run_ref}: {exc}") from None
+    family = learner.config.task.family
+    if family not in FORWARD_VELOCITY:
+        learner.close()
+        raise SystemExit(f"run {run_ref} is a {family} run; this script measures the "
+                         f"half-cheetah and the ant ({', '.join(FORWARD_VELOCITY)})")
+    index = FORWARD_VELOCITY[family]
+    tasks, family_or_why = held_out_task_table(record)
     if tasks is None:
-        raise SystemExit(f"run {run_id}: its held-out tasks cannot be rebuilt: {family_or_why}")
+        learner.close()
+        raise SystemExit(f"run {run_ref}: its held-out tasks cannot be rebuilt: "
+                         f"{family_or_why}")
     coordinate, values = family_or_why.task_coordinate(tasks)
-    learner = MetaLearner(config)
     velocity: dict[int, np.ndarray] = {}
 
     def measure(step: int, episodes) -> None:
@@ -71,7 +75,7 @@ def speeds(run_id: str, steps: int | None = None) -> tuple[str, pd.DataFrame]:
         print(f"step {step}: measured", file=sys.stderr, flush=True)
 
     try:
-        curve = learner.evaluate(tasks, steps, meta_params=params, on_episodes=measure)
+        curve = learner.evaluate(tasks, steps, on_episodes=measure)
     finally:
         learner.close()
     order = {int(t): i for i, t in enumerate(tasks[TASK_ID])}
@@ -83,11 +87,13 @@ def speeds(run_id: str, steps: int | None = None) -> tuple[str, pd.DataFrame]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_id", help="an MLflow run of `maml train` (it logs the policy)")
+    parser.add_argument("run_id", help="an MLflow run of `maml train` (it logs the policy), "
+                        "or its folder written by `maml export`")
     parser.add_argument("--steps", type=int, default=None,
                         help="adaptation steps (default: the run's evaluation.steps)")
     args = parser.parse_args(argv)
-    tracking.load_tracking_config().setup()
+    if not is_export(args.run_id):
+        tracking.load_tracking_config().setup()
     coordinate, curve = speeds(args.run_id, args.steps)
     table = curve.pivot_table(index=[TASK_ID, coordinate], columns="step",
                               values="velocity_reached").sort_index(level=1)
