@@ -120,7 +120,8 @@ def test_report_names_each_resume_and_leaves_the_pause_out_of_the_wall_clock(sto
                        summary=None)
     figures = cost(report)
     span = (run.info.end_time - run.info.start_time) / 1000
-    assert figures["train_seconds"] < figures["wall_seconds"] <= span - PAUSE
+    # The resume is tagged to the second, so its segment may start up to 1 s early.
+    assert figures["train_seconds"] < figures["wall_seconds"] <= span - PAUSE + 1.0
     assert len(tracking.metric_history(run.info.run_id, ["seconds_iteration"])) == 4
 
     text = Path(write_report(tmp_path / "r", run_ids=[run.info.run_id])["path"]).read_text()
