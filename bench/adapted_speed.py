@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flows import tracking
 from flows.errors import USER_ERRORS
 from flows.evaluation import load_model
-from flows.report import held_out_task_table
-from flows.runrecord import is_export, open_record
+from flows.runrecord import held_out_task_table, is_export, open_record
 from maml_core.tasks.base import TASK_ID
 
 # Where qvel[0], the torso's x velocity, sits in each family's observation: v5's observations

@@ -33,20 +33,21 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from flows import plots, tracking
-from flows.config import load_run_config
 from flows.errors import UsageError
-from flows.runrecord import ExportedRecord, RunRecord, exports_only, open_record
-from maml_core.config import ConfigError
+from flows.runrecord import (
+    ExportedRecord,
+    RunRecord,
+    exports_only,
+    held_out_task_table,
+    open_record,
+)
 from maml_core.tasks.base import TASK_ID, get_task_family
-from maml_core.tasksets import TaskSetError, held_out_tasks
 
 KINDS = ("meta-train", "baseline")
 METHODS = ("maml", "pretrained", "random", "oracle")
 SUPERVISED_STEPS = (1, 10)  # the paper's sinusoid comparison: MSE after 1 and 10 steps
-DATA = Path(__file__).resolve().parent.parent / "data"
 CURVE_KEYS = ("pre_return", "post_return", "pre_mse", "post_mse")
 MISSING = "—"
 NO_COMMAND = ("not recorded (started outside the `maml` command line, or before it recorded "
@@ -367,49 +368,6 @@ def _adaptation_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]
                                  label=f"ours: {first.label}")
     plots.save(fig, out / name)
     return [f"![adaptation curves]({name})", ""]
-
-
-def held_out_task_table(run) -> tuple[pd.DataFrame | None, Any]:
-    """The held-out tasks the ``run`` (an MLflow run or a ``RunRecord``) was evaluated on,
-    rebuilt from its ``config.yaml`` (its ``task.test_tasks`` file, or the seeded draw) and
-    accepted only if the table has the digest of an evaluation dataset the run logged:
-    ``(tasks, family)``, or ``(None, why)``. A task file that is missing or changed at the
-    recorded path (e.g. one recorded in another checkout) is also looked for in an export's
-    copy and in this repository's ``data/``."""
-    tasks, family_or_why, _ = held_out_task_source(run)
-    return tasks, family_or_why
-
-
-def held_out_task_source(run) -> tuple[pd.DataFrame | None, Any, Path | None]:
-    """``held_out_task_table`` and the task file it read (None for a seeded draw)."""
-    run = open_record(run)
-    logged = [d for d in run.datasets() if d["context"] == "evaluation"]
-    if not logged:
-        return None, "it logged no held-out task set", None
-    digests = {d["digest"] for d in logged}
-    try:
-        data = yaml.safe_load(run.text("config.yaml"))
-        data = {**data, "device": "cpu"}  # rebuilding tasks needs no accelerator
-        config = load_run_config(data=data)
-        family = config.family()
-    except (tracking.TrackingError, ConfigError, yaml.YAMLError, TypeError,
-            ValueError) as exc:
-        return None, f"its config.yaml could not be read or validated ({exc})", None
-    paths = [config.task.test_tasks]
-    if config.task.test_tasks:
-        copy = run.task_file()
-        paths = [*([str(copy)] if copy else []), config.task.test_tasks,
-                 str(DATA / Path(config.task.test_tasks).name)]
-    for path in dict.fromkeys(paths):
-        task = config.task.model_copy(update={"test_tasks": path})
-        try:
-            tasks = held_out_tasks(config.model_copy(update={"task": task}), family)
-        except (TaskSetError, ValueError, TypeError):
-            continue
-        if tracking.dataset_digest(tasks) in digests:
-            return tasks, family, Path(path) if path else None
-    return None, (f"no task table with the digest it logged ({', '.join(sorted(digests))}, "
-                  f"from {logged[-1]['source']}) is found here"), None
 
 
 def _per_task_panel(report_run: ReportRun) -> tuple[str, pd.DataFrame] | str:

@@ -31,9 +31,12 @@ import pandas as pd
 import yaml
 
 from flows import tracking
+from flows.config import load_run_config
 from flows.errors import UsageError, one_line
 from flows.policy_model import PolicyFileError, find_policy_files
 from maml_core.checkpoint import latest_checkpoint
+from maml_core.config import ConfigError
+from maml_core.tasksets import TaskSetError, held_out_tasks
 
 FORMAT = 1
 RUN_FILE = "run.yaml"
@@ -43,6 +46,7 @@ MODEL_DIR = "model"
 EXPORTED_ARTIFACTS = ("config.yaml", "evaluation")  # what a report reads of a run
 TASKS_DIR = "tasks"  # under artifacts/: a copy of the held-out task file, if the run named one
 METRIC_COLUMNS = ["key", "step", "value", "timestamp"]
+DATA = Path(__file__).resolve().parent.parent / "data"  # where a moved task file is looked for
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,50 @@ def open_record(ref: Any) -> RunRecord:
     return StoreRecord(tracking.get_run(str(ref)))
 
 
+# ----------------------------------------------------------------------- held-out tasks
+def held_out_task_table(run) -> tuple[pd.DataFrame | None, Any]:
+    """The held-out tasks the ``run`` (an MLflow run or a ``RunRecord``) was evaluated on,
+    rebuilt from its ``config.yaml`` (its ``task.test_tasks`` file, or the seeded draw) and
+    accepted only if the table has the digest of an evaluation dataset the run logged:
+    ``(tasks, family)``, or ``(None, why)``. A task file that is missing or changed at the
+    recorded path (e.g. one recorded in another checkout) is also looked for in an export's
+    copy and in this repository's ``data/``."""
+    tasks, family_or_why, _ = held_out_task_source(run)
+    return tasks, family_or_why
+
+
+def held_out_task_source(run) -> tuple[pd.DataFrame | None, Any, Path | None]:
+    """``held_out_task_table`` and the task file it read (None for a seeded draw)."""
+    run = open_record(run)
+    logged = [d for d in run.datasets() if d["context"] == "evaluation"]
+    if not logged:
+        return None, "it logged no held-out task set", None
+    digests = {d["digest"] for d in logged}
+    try:
+        data = yaml.safe_load(run.text("config.yaml"))
+        data = {**data, "device": "cpu"}  # rebuilding tasks needs no accelerator
+        config = load_run_config(data=data)
+        family = config.family()
+    except (tracking.TrackingError, ConfigError, yaml.YAMLError, TypeError,
+            ValueError) as exc:
+        return None, f"its config.yaml could not be read or validated ({exc})", None
+    paths = [config.task.test_tasks]
+    if config.task.test_tasks:
+        copy = run.task_file()
+        paths = [*([str(copy)] if copy else []), config.task.test_tasks,
+                 str(DATA / Path(config.task.test_tasks).name)]
+    for path in dict.fromkeys(paths):
+        task = config.task.model_copy(update={"test_tasks": path})
+        try:
+            tasks = held_out_tasks(config.model_copy(update={"task": task}), family)
+        except (TaskSetError, ValueError, TypeError):
+            continue
+        if tracking.dataset_digest(tasks) in digests:
+            return tasks, family, Path(path) if path else None
+    return None, (f"no task table with the digest it logged ({', '.join(sorted(digests))}, "
+                  f"from {logged[-1]['source']}) is found here"), None
+
+
 # ------------------------------------------------------------------------------- export
 def _copy_artifacts(run_id: str, dest: Path) -> list[str]:
     """Download the report's artifacts of the run into ``dest``; the ones it had."""
@@ -248,8 +296,6 @@ def _copy_artifacts(run_id: str, dest: Path) -> list[str]:
 def _copy_task_file(run, dest: Path) -> str | None:
     """Copy the held-out task file the run was evaluated on (the one with the digest it
     logged) into ``dest``: the run's config names it by a path of the machine that made it."""
-    from flows.report import held_out_task_source
-
     _, _, path = held_out_task_source(StoreRecord(run))
     if path is None:
         return None  # a seeded draw, rebuilt from the config anywhere; or not rebuildable

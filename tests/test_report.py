@@ -243,8 +243,9 @@ def test_per_task_plot_rebuilds_each_runs_held_out_tasks_and_checks_their_digest
     import pandas as pd
 
     from flows import report as report_module
-    from flows import tracking
-    from flows.report import _report_run, held_out_task_table, write_report
+    from flows import runrecord, tracking
+    from flows.report import _report_run, write_report
+    from flows.runrecord import held_out_task_table
     from maml_core.tasks import get_task_family
     from maml_core.tasksets import save_task_set
 
@@ -277,7 +278,7 @@ def test_per_task_plot_rebuilds_each_runs_held_out_tasks_and_checks_their_digest
         moved = tmp_path / "data"
         moved.mkdir()
         tasks_file.rename(moved / tasks_file.name)
-        monkeypatch.setattr(report_module, "DATA", moved)
+        monkeypatch.setattr(runrecord, "DATA", moved)
         pd.testing.assert_frame_equal(held_out_task_table(second)[0], goals)
 
         save_task_set(goals.assign(goal_x=-goals["goal_x"]), moved / tasks_file.name)
@@ -464,8 +465,7 @@ def test_an_export_keeps_its_task_file_for_another_checkout(store, tmp_path):
 
     from flows.cli import main
     from flows.evaluation import evaluate_model
-    from flows.report import held_out_task_table
-    from flows.runrecord import ExportedRecord, export_run
+    from flows.runrecord import ExportedRecord, export_run, held_out_task_table
     from maml_core.tasks import get_task_family
     from maml_core.tasksets import save_task_set
 
