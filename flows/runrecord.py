@@ -15,6 +15,8 @@ and ``maml report --run FOLDER`` reads it back, so the report can be remade from
 
 Nothing is pickled: YAML (read with ``yaml.safe_load``), CSV and safetensors. A report's code
 sees both kinds through one interface: ``StoreRecord`` (an MLflow run) and ``ExportedRecord``.
+``held_out_task_table`` rebuilds, from either kind, the held-out tasks a run was evaluated on
+(the report's per-task plot, ``bench/adapted_speed.py``, and the task file an export copies).
 """
 
 from __future__ import annotations
