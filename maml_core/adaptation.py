@@ -156,10 +156,11 @@ def inner_step_size(step_size: float | Params, step: int) -> float | Params:
 def adapt_policy_resampled(policy, meta_params: Params, episode_sets: list[Episodes],
                            step_size: float, first_order: bool = False,
                            create_graph: bool | None = None,
-                           loss_fns: list[LossFn] | None = None) -> Params:
+                           loss_fns: list[LossFn] | None = None) -> list[Params]:
     """Inner steps on fresh episodes: step k is one policy-gradient step on ``episode_sets[k]``
     (sampled with the policy of step k, theta for k = 0) with ``inner_step_size(alpha, k)``.
     Differentiable through every step (unless ``first_order``), as the evaluation adapts.
+    Returns the adapted parameters after each step, the last one last.
 
     ``loss_fns`` may pass the prebuilt ``policy_gradient_loss`` of each set.
     """
@@ -169,11 +170,13 @@ def adapt_policy_resampled(policy, meta_params: Params, episode_sets: list[Episo
     alpha = learned if learned is not None else step_size
     losses = loss_fns or [policy_gradient_loss(policy, e) for e in episode_sets]
     phi: Params = theta
+    steps = []
     for k, (episodes, loss) in enumerate(zip(episode_sets, losses)):
         phi, _, _ = adapt_with_inner_step(phi, loss, inner_step_size(alpha, k), 1, first_order,
                                           num_tasks=episodes.num_tasks if k == 0 else None,
                                           create_graph=create_graph)
-    return phi
+        steps.append(phi)
+    return steps
 
 
 def adapt_policy(policy, meta_params: Params, episodes: Episodes, step_size: float,

@@ -74,6 +74,10 @@ class InnerConfig(_Strict):
         "(step k with the policy adapted k times, step size alpha then alpha / 2), as the "
         "evaluation adapts, and differentiate through all steps; off: every step reuses the "
         "pre-adaptation episodes")
+    every_step_objective: bool = Field(
+        False, description="with fresh_episodes: the meta-loss is the mean of the losses after "
+        "each inner step, each on the episodes its policy sampled (off: after the last step "
+        "only); TRPO's max_kl then bounds the mean of the steps' KL divergences")
 
 
 class MetaOptimizerConfig(_Strict):
@@ -135,6 +139,11 @@ class MAMLConfig(_Strict):
             raise ValueError("inner.fresh_episodes: supervised families adapt on their "
                              f"support set ({self.task.family} samples no episodes); leave it "
                              "out")
+        inner = self.inner
+        if inner.every_step_objective and not (inner.fresh_episodes and inner.num_steps > 1):
+            raise ValueError("inner.every_step_objective scores each inner step on the episodes "
+                             "its policy sampled: set inner.fresh_episodes: true and "
+                             "inner.num_steps > 1 with it, or leave it out")
         if family.kind == "supervised" and self.meta_optimizer.name == "trpo":
             raise ValueError("meta_optimizer.name: trpo needs a policy; supervised families "
                              f"({self.task.family}) take adam or sgd")

@@ -3,7 +3,8 @@
 It recomputes the differentiable inner step from the pre-adaptation episodes (so no autograd
 graph crosses a stage boundary) -- or, with inner steps on fresh episodes, each step from the
 episodes its policy sampled -- and scores the adapted policies on the post-adaptation episodes
-with one of three losses:
+with one of three losses (with ``every_step``, the mean of the losses after each inner step on
+fresh episodes, each scored on the episodes its policy sampled):
 
 * ``pg``: the policy-gradient loss -E[log pi_phi(a|s) A] (the paper's meta-gradient, used by
   Adam/SGD);
@@ -61,11 +62,37 @@ class MetaBatch:
 
 
 @dataclass
+class _Scored:
+    """Episodes that an adapted policy is scored on, task-major (copied once, reused by every
+    evaluation), and the distribution of the policy that sampled them once frozen as 'old'."""
+
+    obs: Tensor
+    actions: Tensor
+    adv: Tensor
+    mask: Tensor
+    old_dist: tuple[Tensor, ...] | None = None
+    old_log_prob: Tensor | None = None
+
+    @classmethod
+    def of(cls, episodes: Episodes) -> _Scored:
+        return cls(*(episodes.task_major(k).contiguous()
+                     for k in ("observations", "actions", "advantages", "masks")))
+
+    def freeze(self, policy, dist: tuple[Tensor, ...]) -> None:
+        self.old_dist = tuple(d.detach() for d in dist)
+        self.old_log_prob = policy.log_prob_of(self.old_dist, self.actions)
+
+
+def _mean(values: list[Tensor]) -> Tensor:
+    return values[0] if len(values) == 1 else torch.stack(values).mean(0)
+
+
+@dataclass
 class ObjectiveValue:
     loss: Tensor  # scalar, mean over tasks
     task_losses: Tensor  # [N]
     kl: Tensor | None  # scalar mean KL(old || new), if an old policy was given
-    adapted: Params  # batched adapted parameters
+    adapted: Params  # batched adapted parameters (after the last inner step)
     # The differentiable inner step (one second-order step with a scalar step size), for
     # Hessian-vector products through it; None otherwise.
     inner: InnerStep | None = None
@@ -75,83 +102,99 @@ class MetaObjective:
     """Post-adaptation loss of ``policy`` on a ``MetaBatch``, differentiable in theta."""
 
     def __init__(self, policy, batch: MetaBatch, step_size: float, num_steps: int = 1,
-                 first_order: bool = False):
+                 first_order: bool = False, every_step: bool = False):
         tune_allocator()
         self.policy, self.batch = policy, batch
         self.step_size, self.num_steps, self.first_order = step_size, num_steps, first_order
         if batch.later and num_steps != 1 + len(batch.later):
             raise ValueError(f"{num_steps} inner steps on fresh episodes need {num_steps - 1} "
                              f"later episode sets, the batch has {len(batch.later)}")
-        post = batch.post
-        # Task-major copies, made once and reused by every evaluation.
-        self._obs = post.task_major("observations").contiguous()
-        self._actions = post.task_major("actions").contiguous()
-        self._adv = post.task_major("advantages").contiguous()
-        self._mask = post.task_major("masks").contiguous()
+        if every_step and not batch.later:
+            raise ValueError("a meta-objective over every inner step scores each step on the "
+                             "episodes its policy sampled: it needs inner steps on fresh "
+                             "episodes (inner.fresh_episodes with inner.num_steps > 1)")
+        # The policy after inner step k is scored on the episodes it sampled: later[k - 1]
+        # for the steps before the last (every_step), post for the last one.
+        self.every_step = every_step
+        self._scored = [_Scored.of(e) for e in ((*batch.later, batch.post) if every_step
+                                                 else (batch.post,))]
         self._inner_losses = [policy_gradient_loss(policy, e) for e in batch.inner_sets]
-        self.old_dist: tuple[Tensor, ...] | None = None
-        self.old_log_prob: Tensor | None = None
+
+    @property
+    def old_dist(self) -> tuple[Tensor, ...] | None:
+        """The frozen sampling distribution on the post-adaptation episodes."""
+        return self._scored[-1].old_dist
+
+    @property
+    def old_log_prob(self) -> Tensor | None:
+        return self._scored[-1].old_log_prob
 
     def _adapt(self, meta_params: Params, create_graph: bool | None = None
-               ) -> tuple[Params, InnerStep | None]:
+               ) -> tuple[list[Params], InnerStep | None]:
+        """The adapted parameters scored (one per scored episode set) and the inner step."""
         if self.batch.later:
-            return adapt_policy_resampled(self.policy, meta_params, self.batch.inner_sets,
-                                          self.step_size, self.first_order, create_graph,
-                                          self._inner_losses), None
+            steps = adapt_policy_resampled(self.policy, meta_params, self.batch.inner_sets,
+                                           self.step_size, self.first_order, create_graph,
+                                           self._inner_losses)
+            return (steps if self.every_step else steps[-1:]), None
         phi, _, inner = adapt_policy_with_inner_step(
             self.policy, meta_params, self.batch.pre, self.step_size, self.num_steps,
             self.first_order, create_graph, loss_fn=self._inner_losses[0])
-        return phi, inner
+        return [phi], inner
+
+    def _distributions(self, phis: list[Params]) -> list[tuple[Tensor, ...]]:
+        return [self.policy.distribution(phi, s.obs) for phi, s in zip(phis, self._scored)]
 
     def adapted(self, meta_params: Params, create_graph: bool | None = None) -> Params:
-        return self._adapt(meta_params, create_graph)[0]
+        return self._adapt(meta_params, create_graph)[0][-1]
 
     def set_old_policy(self, meta_params: Params) -> None:
         """Freeze the current adapted policies as the 'old' (sampling) policies."""
         with torch.no_grad():
-            phi = self.adapted({k: v.detach() for k, v in meta_params.items()})
-            self._set_old_dist(self.policy.distribution(phi, self._obs))
-
-    def _set_old_dist(self, dist: tuple[Tensor, ...]) -> None:
-        self.old_dist = tuple(d.detach() for d in dist)
-        self.old_log_prob = self.policy.log_prob_of(self.old_dist, self._actions)
+            phis, _ = self._adapt({k: v.detach() for k, v in meta_params.items()})
+            for s, dist in zip(self._scored, self._distributions(phis)):
+                s.freeze(self.policy, dist)
 
     def __call__(self, meta_params: Params, kind: str = "pg", clip_eps: float = 0.2,
                  create_graph: bool | None = None, with_kl: bool = True) -> ObjectiveValue:
-        phi, inner = self._adapt(meta_params, create_graph)
-        dist = self.policy.distribution(phi, self._obs)
-        return self._value(phi, inner, dist, kind, clip_eps, with_kl)
+        phis, inner = self._adapt(meta_params, create_graph)
+        return self._value(phis, inner, self._distributions(phis), kind, clip_eps, with_kl)
 
     def at_old_policy(self, meta_params: Params, kind: str = "surrogate",
                       clip_eps: float = 0.2) -> ObjectiveValue:
         """``set_old_policy(meta_params)`` and ``self(meta_params, kind, with_kl=True)`` from one
         adaptation and one forward pass: the old policies are the (detached) adapted policies
         of this very evaluation, so the value and its derivatives are those of the two calls."""
-        phi, inner = self._adapt(meta_params)
-        dist = self.policy.distribution(phi, self._obs)
-        self._set_old_dist(dist)
-        return self._value(phi, inner, dist, kind, clip_eps, with_kl=True)
+        phis, inner = self._adapt(meta_params)
+        dists = self._distributions(phis)
+        for s, dist in zip(self._scored, dists):
+            s.freeze(self.policy, dist)
+        return self._value(phis, inner, dists, kind, clip_eps, with_kl=True)
 
-    def _value(self, phi: Params, inner: InnerStep | None, dist: tuple[Tensor, ...], kind: str,
-               clip_eps: float, with_kl: bool) -> ObjectiveValue:
-        log_prob = self.policy.log_prob_of(dist, self._actions)
-        if kind == "pg":
-            per_step = log_prob * self._adv
-        else:
-            if self.old_log_prob is None:
-                raise RuntimeError(f"the {kind!r} loss needs set_old_policy() first")
-            ratio = torch.exp(log_prob - self.old_log_prob)
-            per_step = ratio * self._adv
-            if kind == "clipped":
-                clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * self._adv
-                per_step = torch.minimum(per_step, clipped)
-            elif kind != "surrogate":
-                raise ValueError(f"unknown meta-loss kind {kind!r}")
-        task_losses = -masked_task_mean(per_step, self._mask)
-        kl = None
-        if with_kl and self.old_dist is not None:
-            kl = masked_task_mean(self.policy.kl(self.old_dist, dist), self._mask).mean()
-        return ObjectiveValue(task_losses.mean(), task_losses, kl, phi, inner)
+    def _value(self, phis: list[Params], inner: InnerStep | None,
+               dists: list[tuple[Tensor, ...]], kind: str, clip_eps: float, with_kl: bool
+               ) -> ObjectiveValue:
+        losses, kls = [], []
+        for s, dist in zip(self._scored, dists):
+            log_prob = self.policy.log_prob_of(dist, s.actions)
+            if kind == "pg":
+                per_step = log_prob * s.adv
+            else:
+                if s.old_log_prob is None:
+                    raise RuntimeError(f"the {kind!r} loss needs set_old_policy() first")
+                ratio = torch.exp(log_prob - s.old_log_prob)
+                per_step = ratio * s.adv
+                if kind == "clipped":
+                    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * s.adv
+                    per_step = torch.minimum(per_step, clipped)
+                elif kind != "surrogate":
+                    raise ValueError(f"unknown meta-loss kind {kind!r}")
+            losses.append(-masked_task_mean(per_step, s.mask))
+            if with_kl and s.old_dist is not None:
+                kls.append(masked_task_mean(self.policy.kl(s.old_dist, dist), s.mask).mean())
+        task_losses = _mean(losses)
+        kl = _mean(kls) if kls else None
+        return ObjectiveValue(task_losses.mean(), task_losses, kl, phis[-1], inner)
 
     def kl_hessian_product(self, meta_params: Params, value: ObjectiveValue
                            ) -> Callable[[list[Tensor]], list[Tensor]]:
@@ -197,12 +240,17 @@ class MetaObjective:
         if self.old_dist is None:
             raise RuntimeError("kl_on_tasks needs set_old_policy() first")
         if self.batch.later:
-            phi = adapt_policy_resampled(self.policy, meta_params,
-                                         [e.select_tasks(tasks) for e in self.batch.inner_sets],
-                                         self.step_size, self.first_order)
+            steps = adapt_policy_resampled(self.policy, meta_params,
+                                           [e.select_tasks(tasks) for e in self.batch.inner_sets],
+                                           self.step_size, self.first_order)
+            phis = steps if self.every_step else steps[-1:]
         else:
-            phi, _ = adapt_policy(self.policy, meta_params, self.batch.pre.select_tasks(tasks),
-                                  self.step_size, self.num_steps, self.first_order)
-        old = tuple(d.index_select(0, tasks) for d in self.old_dist)
-        dist = self.policy.distribution(phi, self._obs.index_select(0, tasks))
-        return masked_task_mean(self.policy.kl(old, dist), self._mask.index_select(0, tasks)).mean()
+            phis = [adapt_policy(self.policy, meta_params, self.batch.pre.select_tasks(tasks),
+                                 self.step_size, self.num_steps, self.first_order)[0]]
+        kls = []
+        for phi, s in zip(phis, self._scored):
+            old = tuple(d.index_select(0, tasks) for d in s.old_dist)
+            dist = self.policy.distribution(phi, s.obs.index_select(0, tasks))
+            kls.append(masked_task_mean(self.policy.kl(old, dist),
+                                        s.mask.index_select(0, tasks)).mean())
+        return _mean(kls)

@@ -146,7 +146,7 @@ class MetaLearner:
                              f"episode sets ({', '.join(self.later_phases) or 'none'}), "
                              f"{len(later)} were given")
         return MetaObjective(self.policy, MetaBatch(pre, post, later), inner.step_size,
-                             inner.num_steps, inner.first_order)
+                             inner.num_steps, inner.first_order, inner.every_step_objective)
 
     def meta_update(self, pre: Episodes, post: Episodes,
                     later: tuple[Episodes, ...] = ()) -> dict[str, float]:

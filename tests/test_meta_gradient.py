@@ -172,12 +172,12 @@ def test_meta_sgd_step_size_gradient_matches_finite_differences(setup, num_steps
 # ------------------------------------------------------------- adapted parameters
 
 
-def _learner(**inner):
+def _learner(optimizer=None, **inner):
     config = build_config({"seed": 4, "dtype": "float64", "meta_batch_size": 3,
                            "episodes_per_task": 4, "task": {"family": "navigation2d",
                                                             "horizon": 15},
                            "policy": {"hidden_sizes": [8]}, "inner": inner,
-                           "meta_optimizer": {"name": "adam"}})
+                           "meta_optimizer": optimizer or {"name": "adam"}})
     return MetaLearner(config)
 
 
@@ -291,6 +291,59 @@ def test_fresh_episode_batch_needs_one_set_per_later_step(fresh_setup):
         MetaObjective(policy, MetaBatch(pre, post, (mid,)), ALPHA, 3)
 
 
+def test_every_step_objective_is_the_mean_of_the_one_and_two_step_objectives(fresh_setup):
+    policy, theta, pre, mid, post = fresh_setup
+    every = MetaObjective(policy, MetaBatch(pre, post, (mid,)), ALPHA, 2, every_step=True)
+    # The policy after one step is scored on mid (the episodes it sampled), the policy after
+    # two on post: each term written apart with the library-independent loss.
+    leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    one = _task_pg_losses(policy, mid, _reference_fresh_adapt(policy, leaves, [pre]))
+    two = _task_pg_losses(policy, post, _reference_fresh_adapt(policy, leaves, [pre, mid]))
+    ref_loss = (one.mean() + two.mean()) / 2
+    value = every(theta)
+    torch.testing.assert_close(value.task_losses, ((one + two) / 2).detach(), rtol=1e-10,
+                               atol=1e-12)
+    ref = _flatten(dict(zip(leaves, torch.autograd.grad(ref_loss, list(leaves.values())))))
+    grad = _grad(every, theta)
+    assert _rel_err(grad, ref) < 1e-10
+    assert _rel_err(grad, _finite_differences(every, theta)) < 1e-3
+    last = _grad(MetaObjective(policy, MetaBatch(pre, post, (mid,)), ALPHA, 2), theta)
+    assert _rel_err(grad, last) > 1e-2
+    # TRPO's surrogate and KL: at the old policies the surrogate's gradient is the policy
+    # gradient's, and the KL (the mean of both steps' KLs) is zero; moved, it is the mean of
+    # the KLs of the one- and two-step objectives on their own episodes.
+    at_old = every.at_old_policy(theta)
+    assert float(at_old.kl) == pytest.approx(0.0, abs=1e-12)
+    leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    surrogate_grad = torch.autograd.grad(every(leaves, kind="surrogate").loss,
+                                         list(leaves.values()))
+    assert _rel_err(_flatten(dict(zip(leaves, surrogate_grad))), grad) < 1e-10
+    moved = {k: v + 0.01 * torch.ones_like(v) for k, v in theta.items()}
+    singles = []
+    for batch, steps in ((MetaBatch(pre, mid), 1), (MetaBatch(pre, post, (mid,)), 2)):
+        single = MetaObjective(policy, batch, ALPHA, steps)
+        single.set_old_policy(theta)
+        singles.append(single(moved, kind="surrogate"))
+    both = every(moved, kind="surrogate")
+    torch.testing.assert_close(both.kl, (singles[0].kl + singles[1].kl) / 2, rtol=1e-10,
+                               atol=1e-14)
+    torch.testing.assert_close(both.loss, (singles[0].loss + singles[1].loss) / 2,
+                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(every.kl_on_tasks(moved, torch.arange(3)), both.kl, rtol=1e-10,
+                               atol=1e-14)
+    subset = torch.tensor([0, 2])  # each set's tasks are picked alike
+    sub_kls = []
+    for batch, steps in ((MetaBatch(pre, mid), 1), (MetaBatch(pre, post, (mid,)), 2)):
+        single = MetaObjective(policy, batch, ALPHA, steps)
+        single.set_old_policy(theta)
+        sub_kls.append(single.kl_on_tasks(moved, subset))
+    torch.testing.assert_close(every.kl_on_tasks(moved, subset), (sub_kls[0] + sub_kls[1]) / 2,
+                               rtol=1e-10, atol=1e-14)
+    assert float(both.kl) > 0
+    with pytest.raises(ValueError, match="needs inner steps on fresh episodes"):
+        MetaObjective(policy, MetaBatch(pre, post), ALPHA, 2, every_step=True)
+
+
 def test_learner_with_fresh_episodes_samples_each_inner_step_anew():
     learner = _learner(step_size=0.3, num_steps=3, fresh_episodes=True)
     assert learner.later_phases == ["pre1", "pre2"]
@@ -317,4 +370,37 @@ def test_learner_with_fresh_episodes_samples_each_inner_step_anew():
     stats = learner.step().stats
     assert stats["env_steps"] == sum(e.num_steps for e in (*sets, post))
     assert stats["post_return"] == pytest.approx(float(post.task_returns().mean()), rel=1e-12)
+    assert not learner.objective(sets[0], post, tuple(sets[1:])).every_step
+    learner.close()
+
+
+@pytest.mark.parametrize("optimizer", [{"name": "adam"}, {"name": "trpo"},
+                                       {"name": "trpo", "hvp_subsample": 0.5},
+                                       {"name": "promp"}])
+def test_learner_passes_the_every_step_objective_to_the_meta_update(optimizer):
+    learner = _learner(step_size=0.3, num_steps=2, fresh_episodes=True,
+                       every_step_objective=True, optimizer=optimizer)
+    tasks = learner.sample_tasks(0)
+    pre = learner.collect(learner.meta_params, tasks, 0, "pre")
+    (mid,), phi, _ = learner.adapt_all(pre, tasks, 0)
+    post = learner.collect(phi, tasks, 0, "post")
+    objective = learner.objective(pre, post, (mid,))
+    assert objective.every_step
+    theta = {k: v.detach().clone() for k, v in learner.meta_params.items()}
+    # The meta-update optimizes this objective, on the episodes the iteration samples: its
+    # figures are the objective's, before the update (Adam) or after it (TRPO, ProMP, whose
+    # KL is the mean over both steps from the policies of theta).
+    stats = learner.step().stats
+    assert stats["rejected_in_a_row"] == 0
+    if optimizer["name"] == "adam":
+        expected = float(objective(theta).loss)
+        assert stats["meta_loss"] == pytest.approx(expected, rel=1e-12)
+    else:
+        objective.set_old_policy(theta)
+        kind = "surrogate" if optimizer["name"] == "trpo" else "clipped"
+        after = objective({k: v.detach() for k, v in learner.meta_params.items()}, kind=kind,
+                          clip_eps=learner.config.meta_optimizer.clip_eps)
+        assert stats["meta_loss_after"] == pytest.approx(float(after.loss), rel=1e-9)
+        assert stats["kl"] == pytest.approx(float(after.kl), rel=1e-9)
+        assert 0 < stats["kl"] <= (0.01 if optimizer["name"] == "trpo" else float("inf"))
     learner.close()
