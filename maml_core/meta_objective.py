@@ -133,14 +133,17 @@ class MetaObjective:
                ) -> tuple[list[Params], InnerStep | None]:
         """The adapted parameters scored (one per scored episode set) and the inner step."""
         if self.batch.later:
-            steps = adapt_policy_resampled(self.policy, meta_params, self.batch.inner_sets,
-                                           self.step_size, self.first_order, create_graph,
-                                           self._inner_losses)
-            return (steps if self.every_step else steps[-1:]), None
+            return self._scored_steps(adapt_policy_resampled(
+                self.policy, meta_params, self.batch.inner_sets, self.step_size,
+                self.first_order, create_graph, self._inner_losses)), None
         phi, _, inner = adapt_policy_with_inner_step(
             self.policy, meta_params, self.batch.pre, self.step_size, self.num_steps,
             self.first_order, create_graph, loss_fn=self._inner_losses[0])
         return [phi], inner
+
+    def _scored_steps(self, steps: list[Params]) -> list[Params]:
+        """Of the parameters after each inner step, those scored: all, or the last."""
+        return steps if self.every_step else steps[-1:]
 
     def _distributions(self, phis: list[Params]) -> list[tuple[Tensor, ...]]:
         return [self.policy.distribution(phi, s.obs) for phi, s in zip(phis, self._scored)]
@@ -240,10 +243,9 @@ class MetaObjective:
         if self.old_dist is None:
             raise RuntimeError("kl_on_tasks needs set_old_policy() first")
         if self.batch.later:
-            steps = adapt_policy_resampled(self.policy, meta_params,
-                                           [e.select_tasks(tasks) for e in self.batch.inner_sets],
-                                           self.step_size, self.first_order)
-            phis = steps if self.every_step else steps[-1:]
+            phis = self._scored_steps(adapt_policy_resampled(
+                self.policy, meta_params, [e.select_tasks(tasks) for e in self.batch.inner_sets],
+                self.step_size, self.first_order))
         else:
             phis = [adapt_policy(self.policy, meta_params, self.batch.pre.select_tasks(tasks),
                                  self.step_size, self.num_steps, self.first_order)[0]]
