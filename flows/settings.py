@@ -37,6 +37,8 @@ def configure_environment(verbose: bool = False) -> Path:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    if not verbose and "PREFECT_LOGGING_ROOT_LEVEL" not in os.environ:
+        quiet_temporary_server()
     if not verbose:
         for name in ("mlflow", "alembic", "prefect", "httpx", "urllib3"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -44,6 +46,24 @@ def configure_environment(verbose: bool = False) -> Path:
         warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     return home
+
+
+def quiet_temporary_server() -> None:
+    """Keep the temporary Prefect server's shutdown out of the user's terminal.
+
+    When the process exits, Prefect stops its temporary server, cancelling the server's
+    background services; now and then SQLAlchemy reports the cancelled database rollback as an
+    ERROR with a traceback, through the server process's root logger, after the run has
+    finished and been recorded. The server inherits this process's environment, so the root
+    level is raised there through Prefect's logging variable. Prefect configures logging when
+    ``prefect.main`` is first imported, which is done here (it costs about a second, paid by any
+    command that runs a flow anyway), and this process's root logger is then put back to
+    WARNING so that other libraries' warnings still reach the user.
+    """
+    os.environ["PREFECT_LOGGING_ROOT_LEVEL"] = "CRITICAL"
+    import prefect.main  # noqa: F401  (configures logging from the variables above)
+
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def deprioritize_local_server(niceness: int = 15) -> list[int]:

@@ -1,0 +1,52 @@
+"""The quiet defaults: what reaches the user's terminal from Prefect's temporary server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in a fresh interpreter: configure the environment as `maml` does, load Prefect as a flow
+# does, report this process's logging levels, then start a child with the same environment
+# that sets up logging as the temporary server's app factory does and report its levels.
+PROBE = """
+import json, logging, os, subprocess, sys
+from flows.settings import configure_environment
+configure_environment(verbose=VERBOSE)
+from prefect import flow  # noqa: F401
+child = subprocess.run([sys.executable, "-c", "import json, logging; "
+                        "from prefect.logging.configuration import setup_logging; setup_logging(); "
+                        "print(json.dumps([logging.getLogger().level, "
+                        "logging.getLogger('sqlalchemy.pool.impl').isEnabledFor(logging.ERROR)]))"],
+                       capture_output=True, text=True, check=True)
+print(json.dumps({"root": logging.getLogger().level,
+                  "library_warning": logging.getLogger("a.lib").isEnabledFor(logging.WARNING),
+                  "child": json.loads(child.stdout.strip().splitlines()[-1]),
+                  "child_stderr": child.stderr}))
+"""
+
+
+def probe(tmp_path, verbose=False, **env_extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING")}
+    env.update(MAML_HOME=str(tmp_path / "maml"), PYTHONPATH=str(ROOT), **env_extra)
+    out = subprocess.run([sys.executable, "-c", PROBE.replace("VERBOSE", str(verbose))],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_temporary_server_errors_silenced_but_library_warnings_kept(tmp_path):
+    got = probe(tmp_path)
+    # this process: root at WARNING, so other libraries' warnings still show
+    assert got["root"] == 30 and got["library_warning"] is True
+    # the server's process: SQLAlchemy's pool errors at shutdown no longer reach the terminal
+    assert got["child"] == [50, False]
+    assert got["child_stderr"] == ""
+
+
+def test_verbose_and_a_user_setting_are_left_alone(tmp_path):
+    assert probe(tmp_path, verbose=True)["child"] == [30, True]
+    assert probe(tmp_path, PREFECT_LOGGING_ROOT_LEVEL="ERROR")["child"] == [40, True]
