@@ -37,8 +37,7 @@ def configure_environment(verbose: bool = False) -> Path:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    if not verbose and "PREFECT_LOGGING_ROOT_LEVEL" not in os.environ:
-        quiet_temporary_server()
+    quiet_temporary_server(not verbose)
     if not verbose:
         for name in ("mlflow", "alembic", "prefect", "httpx", "urllib3"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -48,7 +47,13 @@ def configure_environment(verbose: bool = False) -> Path:
     return home
 
 
-def quiet_temporary_server() -> None:
+SERVER_ROOT_LEVEL = "PREFECT_LOGGING_ROOT_LEVEL"
+# Set beside SERVER_ROOT_LEVEL when we set it, so that a child process (a `maml` started by
+# the tests or a schedule) tells our value from a user's and restores its own root logger.
+_SERVER_ROOT_LEVEL_OURS = "MAML_QUIET_SERVER_ROOT"
+
+
+def quiet_temporary_server(quiet: bool = True) -> None:
     """Keep the temporary Prefect server's shutdown out of the user's terminal.
 
     When the process exits, Prefect stops its temporary server, cancelling the server's
@@ -56,14 +61,34 @@ def quiet_temporary_server() -> None:
     ERROR with a traceback, through the server process's root logger, after the run has
     finished and been recorded. The server inherits this process's environment, so the root
     level is raised there through Prefect's logging variable. Prefect configures logging when
-    ``prefect.main`` is first imported, which is done here (it costs about a second, paid by any
-    command that runs a flow anyway), and this process's root logger is then put back to
-    WARNING so that other libraries' warnings still reach the user.
+    ``prefect.main`` is first imported, which is done here (about a second), and this
+    process's root logger is then put back to WARNING so that other libraries' warnings still
+    reach the user. A level the user set is left alone; ``quiet=False`` (``--verbose``) undoes
+    ours where a parent process set it.
     """
-    os.environ["PREFECT_LOGGING_ROOT_LEVEL"] = "CRITICAL"
-    import prefect.main  # noqa: F401  (configures logging from the variables above)
-
+    ours = os.environ.get(_SERVER_ROOT_LEVEL_OURS) == "1"
+    if not quiet:
+        if ours:
+            del os.environ[SERVER_ROOT_LEVEL], os.environ[_SERVER_ROOT_LEVEL_OURS]
+        return
+    if SERVER_ROOT_LEVEL in os.environ and not ours:
+        return
+    os.environ[SERVER_ROOT_LEVEL] = "CRITICAL"
+    os.environ[_SERVER_ROOT_LEVEL_OURS] = "1"
+    try:
+        import prefect.main  # noqa: F401  (configures logging from the variables above)
+    except Exception:  # e.g. a bad PREFECT_* setting: reported where Prefect is used
+        del os.environ[SERVER_ROOT_LEVEL], os.environ[_SERVER_ROOT_LEVEL_OURS]
+        return
     logging.getLogger().setLevel(logging.WARNING)
+
+
+def server_only_variables() -> list[str]:
+    """The variables this process set for the temporary server alone, which other worker
+    processes it starts (Dask's) should not inherit."""
+    if os.environ.get(_SERVER_ROOT_LEVEL_OURS) == "1":
+        return [SERVER_ROOT_LEVEL, _SERVER_ROOT_LEVEL_OURS]
+    return []
 
 
 def deprioritize_local_server(niceness: int = 15) -> list[int]:

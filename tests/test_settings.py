@@ -31,7 +31,8 @@ print(json.dumps({"root": logging.getLogger().level,
 
 
 def probe(tmp_path, verbose=False, **env_extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_LOGGING") and k != "MAML_QUIET_SERVER_ROOT"}
     env.update(MAML_HOME=str(tmp_path / "maml"), PYTHONPATH=str(ROOT), **env_extra)
     out = subprocess.run([sys.executable, "-c", PROBE.replace("VERBOSE", str(verbose))],
                          capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
@@ -50,3 +51,26 @@ def test_temporary_server_errors_silenced_but_library_warnings_kept(tmp_path):
 def test_verbose_and_a_user_setting_are_left_alone(tmp_path):
     assert probe(tmp_path, verbose=True)["child"] == [30, True]
     assert probe(tmp_path, PREFECT_LOGGING_ROOT_LEVEL="ERROR")["child"] == [40, True]
+
+
+def test_a_child_maml_tells_our_setting_from_a_users(tmp_path):
+    # A `maml` started by another (tests, schedules) inherits our variables: it still keeps its
+    # own root logger at WARNING, and with --verbose it gives the server its logs back.
+    inherited = {"PREFECT_LOGGING_ROOT_LEVEL": "CRITICAL", "MAML_QUIET_SERVER_ROOT": "1"}
+    got = probe(tmp_path, **inherited)
+    assert got["root"] == 30 and got["library_warning"] is True and got["child"] == [50, False]
+    assert probe(tmp_path, verbose=True, **inherited)["child"] == [30, True]
+
+
+def test_dask_workers_do_not_inherit_the_servers_level(monkeypatch):
+    from flows.scale_out import _local_worker_environment
+
+    monkeypatch.setenv("PREFECT_LOGGING_ROOT_LEVEL", "CRITICAL")
+    monkeypatch.setenv("MAML_QUIET_SERVER_ROOT", "1")
+    with _local_worker_environment(True, 2):  # where the LocalCluster starts its workers
+        assert "PREFECT_LOGGING_ROOT_LEVEL" not in os.environ
+        assert "MAML_QUIET_SERVER_ROOT" not in os.environ
+    assert os.environ["PREFECT_LOGGING_ROOT_LEVEL"] == "CRITICAL"
+    monkeypatch.delenv("MAML_QUIET_SERVER_ROOT")  # a user's own setting reaches the workers
+    with _local_worker_environment(True, 2):
+        assert os.environ["PREFECT_LOGGING_ROOT_LEVEL"] == "CRITICAL"
