@@ -56,7 +56,7 @@ import pandas as pd
 import torch
 
 from flows.config import RunConfig, load_run_config
-from flows.settings import server_only_variables
+from flows.settings import drop_server_only_variables
 from maml_core.adaptation import split_meta_params
 from maml_core.advantages import process_episodes
 from maml_core.config import ConfigError
@@ -293,8 +293,7 @@ def _local_worker_environment(quiet: bool, workers: int):
         updates[env + "DASK_LOGGING__DISTRIBUTED"] = "warning"
     saved = dict(os.environ)
     try:
-        for key in server_only_variables():  # workers keep their root logger at WARNING
-            del os.environ[key]
+        drop_server_only_variables()  # workers keep their root logger at WARNING
         with dask.config.set(updates):
             yield
     finally:

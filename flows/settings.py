@@ -66,29 +66,27 @@ def quiet_temporary_server(quiet: bool = True) -> None:
     reach the user. A level the user set is left alone; ``quiet=False`` (``--verbose``) undoes
     ours where a parent process set it.
     """
-    ours = os.environ.get(_SERVER_ROOT_LEVEL_OURS) == "1"
     if not quiet:
-        if ours:
-            del os.environ[SERVER_ROOT_LEVEL], os.environ[_SERVER_ROOT_LEVEL_OURS]
+        drop_server_only_variables()
         return
-    if SERVER_ROOT_LEVEL in os.environ and not ours:
+    if SERVER_ROOT_LEVEL in os.environ and os.environ.get(_SERVER_ROOT_LEVEL_OURS) != "1":
         return
     os.environ[SERVER_ROOT_LEVEL] = "CRITICAL"
     os.environ[_SERVER_ROOT_LEVEL_OURS] = "1"
     try:
         import prefect.main  # noqa: F401  (configures logging from the variables above)
     except Exception:  # e.g. a bad PREFECT_* setting: reported where Prefect is used
-        del os.environ[SERVER_ROOT_LEVEL], os.environ[_SERVER_ROOT_LEVEL_OURS]
+        drop_server_only_variables()
         return
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def server_only_variables() -> list[str]:
-    """The variables this process set for the temporary server alone, which other worker
-    processes it starts (Dask's) should not inherit."""
+def drop_server_only_variables() -> None:
+    """Remove from this process's environment the variables we set for the temporary server
+    alone (a user's own are kept): before starting other workers (Dask's), or under
+    ``--verbose``."""
     if os.environ.get(_SERVER_ROOT_LEVEL_OURS) == "1":
-        return [SERVER_ROOT_LEVEL, _SERVER_ROOT_LEVEL_OURS]
-    return []
+        del os.environ[SERVER_ROOT_LEVEL], os.environ[_SERVER_ROOT_LEVEL_OURS]
 
 
 def deprioritize_local_server(niceness: int = 15) -> list[int]:
