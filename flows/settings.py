@@ -37,8 +37,10 @@ def configure_environment(verbose: bool = False) -> Path:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    quiet_temporary_server(not verbose)
-    if not verbose:
+    if verbose:
+        drop_server_only_variables()  # a parent's quieting, undone
+    else:
+        quiet_temporary_server()
         for name in ("mlflow", "alembic", "prefect", "httpx", "urllib3"):
             logging.getLogger(name).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=FutureWarning, module="mlflow")
@@ -53,7 +55,7 @@ SERVER_ROOT_LEVEL = "PREFECT_LOGGING_ROOT_LEVEL"
 _SERVER_ROOT_LEVEL_OURS = "MAML_QUIET_SERVER_ROOT"
 
 
-def quiet_temporary_server(quiet: bool = True) -> None:
+def quiet_temporary_server() -> None:
     """Keep the temporary Prefect server's shutdown out of the user's terminal.
 
     When the process exits, Prefect stops its temporary server, cancelling the server's
@@ -63,12 +65,8 @@ def quiet_temporary_server(quiet: bool = True) -> None:
     level is raised there through Prefect's logging variable. Prefect configures logging when
     ``prefect.main`` is first imported, which is done here (about a second), and this
     process's root logger is then put back to WARNING so that other libraries' warnings still
-    reach the user. A level the user set is left alone; ``quiet=False`` (``--verbose``) undoes
-    ours where a parent process set it.
+    reach the user. A level the user set is left alone.
     """
-    if not quiet:
-        drop_server_only_variables()
-        return
     if SERVER_ROOT_LEVEL in os.environ and os.environ.get(_SERVER_ROOT_LEVEL_OURS) != "1":
         return
     os.environ[SERVER_ROOT_LEVEL] = "CRITICAL"
