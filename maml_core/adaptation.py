@@ -52,10 +52,18 @@ def policy_gradient_loss(policy, episodes: Episodes) -> LossFn:
     if episodes.advantages is None:
         raise ValueError("episodes have no advantages; run advantages.process_episodes first")
     # Task-major copies, made once: every evaluation of the loss reuses them.
-    obs = episodes.task_major("observations").contiguous()
-    actions = episodes.task_major("actions").contiguous()
-    adv = episodes.task_major("advantages").contiguous()
-    mask = episodes.task_major("masks").contiguous()
+    return policy_gradient_loss_on(policy, *task_major_tensors(episodes))
+
+
+def task_major_tensors(episodes: Episodes) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Contiguous task-major copies of the observations, actions, advantages and masks."""
+    return tuple(episodes.task_major(k).contiguous()
+                 for k in ("observations", "actions", "advantages", "masks"))
+
+
+def policy_gradient_loss_on(policy, obs: Tensor, actions: Tensor, adv: Tensor,
+                            mask: Tensor) -> LossFn:
+    """``policy_gradient_loss`` on task-major tensors already made."""
 
     def loss(params: Params) -> Tensor:
         return -masked_task_mean(log_prob(policy, params, obs, actions) * adv, mask)
@@ -65,21 +73,22 @@ def policy_gradient_loss(policy, episodes: Episodes) -> LossFn:
 
 @dataclass
 class InnerStep:
-    """The differentiable inner step phi_i = theta - alpha * g_i(theta) of every task, kept so that
-    products with its Jacobian can be formed by autograd (second-order MAML, one step, a scalar
-    step size).
+    """One differentiable inner step phi_i = p_i - alpha * g_i(p_i) of every task, kept so that
+    products with its Jacobian can be formed by autograd (second-order MAML, a scalar step size).
+    ``p`` is theta expanded over tasks for the first step, the previous step's result after it.
 
-    The Jacobian of task i is J_i = I - alpha * H_i, with H_i the Hessian of the task's inner
-    loss, which is symmetric: ``J_i w_i`` and ``J_i^T w_i`` are the same product, one backward
-    pass through the inner gradient's graph for all tasks at once.
+    Its Jacobian for task i is A_i = I - alpha * H_i, with H_i the Hessian of the task's inner
+    loss at p_i (a function of p_i alone), which is symmetric: ``A_i w_i`` and ``A_i^T w_i`` are
+    the same product, one backward pass through the inner gradient's graph for all tasks at
+    once. That pass stops at ``p``: it does not run through the steps before.
     """
 
-    leaves: list[Tensor]  # theta expanded over tasks: the inputs of the inner gradient
-    grads: list[Tensor]  # the inner gradients g_i(theta) [N, ...], with their graph
+    leaves: list[Tensor]  # p: the inputs of the inner gradient, [N, ...] per parameter
+    grads: list[Tensor]  # the inner gradients g_i(p_i) [N, ...], with their graph
     step_size: float
 
     def jacobian_product(self, vectors: list[Tensor]) -> list[Tensor]:
-        """``J_i w_i`` (= ``J_i^T w_i``) for per-task vectors ``w`` shaped like the gradients."""
+        """``A_i w_i`` (= ``A_i^T w_i``) for per-task vectors ``w`` shaped like the gradients."""
         live = [i for i, g in enumerate(self.grads) if g.requires_grad]
         hw = torch.autograd.grad([self.grads[i] for i in live], self.leaves,
                                  grad_outputs=[vectors[i] for i in live], retain_graph=True,
@@ -87,6 +96,37 @@ class InnerStep:
         if hw is None:  # an inner loss that is linear in theta
             return list(vectors)
         return [w - self.step_size * h for w, h in zip(vectors, hw)]
+
+
+@dataclass
+class InnerChain:
+    """The differentiable inner steps 1..K in order (``InnerStep``): phi_k = f_k(phi_{k-1}) with
+    phi_0 theta expanded over tasks. The Jacobian of phi_k in theta is J^(k) = A_k ... A_1, A_k
+    the (symmetric) Jacobian of step k, so its products are chains of one-step products."""
+
+    steps: list[InnerStep]
+
+    def forward_products(self, vectors: list[Tensor]) -> list[list[Tensor]]:
+        """``[J^(1) v, ..., J^(K) v]`` for per-task vectors ``v`` shaped like theta expanded."""
+        out = []
+        for step in self.steps:
+            vectors = step.jacobian_product(vectors)
+            out.append(vectors)
+        return out
+
+    def transpose_product(self, vectors: list[list[Tensor] | None]) -> list[Tensor]:
+        """``sum_k J^(k)^T w_k`` for ``vectors[k - 1] = w_k`` (per task, shaped like phi_k; None
+        for a step that contributes nothing), as A_1 (w_1 + A_2 (w_2 + ... A_K w_K)): one
+        one-step product per step."""
+        if len(vectors) != len(self.steps) or vectors[-1] is None:
+            raise ValueError("transpose_product needs one vector set per inner step, the last "
+                             "one given")
+        total: list[Tensor] | None = None
+        for step, w in zip(reversed(self.steps), reversed(vectors)):
+            if w is not None:
+                total = list(w) if total is None else [t + x for t, x in zip(total, w)]
+            total = step.jacobian_product(total)
+        return total
 
 
 def adapt(params: Params, loss_fn: LossFn, step_size: float | Params, num_steps: int = 1,
@@ -99,17 +139,18 @@ def adapt(params: Params, loss_fn: LossFn, step_size: float | Params, num_steps:
     The graph is kept (second order) when ``create_graph`` is true; by default it is kept
     whenever gradients are enabled, ``params`` require grad and ``first_order`` is off.
     """
-    phi, losses, _ = adapt_with_inner_step(params, loss_fn, step_size, num_steps, first_order,
+    phi, losses, _ = adapt_with_inner_steps(params, loss_fn, step_size, num_steps, first_order,
                                            num_tasks, create_graph)
     return phi, losses
 
 
-def adapt_with_inner_step(params: Params, loss_fn: LossFn, step_size: float | Params,
+def adapt_with_inner_steps(params: Params, loss_fn: LossFn, step_size: float | Params,
                           num_steps: int = 1, first_order: bool = False,
                           num_tasks: int | None = None, create_graph: bool | None = None
-                          ) -> tuple[Params, list[Tensor], InnerStep | None]:
-    """``adapt``, also returning the differentiable ``InnerStep`` when there is exactly one
-    second-order step with a scalar step size and the graph is kept (else None)."""
+                          ) -> tuple[Params, list[Tensor], InnerChain | None]:
+    """``adapt``, also returning the differentiable steps (``InnerChain``, one ``InnerStep`` per
+    step) when they are second-order with a scalar step size and the graph is kept (else
+    None)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     tune_allocator()
@@ -120,7 +161,9 @@ def adapt_with_inner_step(params: Params, loss_fn: LossFn, step_size: float | Pa
         params = {k: v.detach() for k, v in params.items()}
     phi = expand_to_tasks(params, num_tasks) if num_tasks is not None else dict(params)
     losses = []
-    inner = None
+    structured = (create_graph and outer_grad and not first_order
+                  and not isinstance(step_size, dict))
+    inner_steps = []
     with torch.enable_grad():
         for _ in range(num_steps):
             leaves = {k: (v if v.requires_grad else v.detach().requires_grad_())
@@ -129,9 +172,9 @@ def adapt_with_inner_step(params: Params, loss_fn: LossFn, step_size: float | Pa
             grads = torch.autograd.grad(task_losses.sum(), list(leaves.values()),
                                         create_graph=create_graph)
             losses.append(task_losses.detach())
-            if (num_steps == 1 and create_graph and outer_grad and not first_order
-                    and not isinstance(step_size, dict)):
-                inner = InnerStep(list(leaves.values()), list(grads), float(step_size))
+            if structured:
+                inner_steps.append(InnerStep(list(leaves.values()), list(grads),
+                                             float(step_size)))
             phi = {}
             for (k, v), g in zip(leaves.items(), grads):
                 if not create_graph:
@@ -140,7 +183,7 @@ def adapt_with_inner_step(params: Params, loss_fn: LossFn, step_size: float | Pa
                 phi[k] = v - alpha * g
     if not outer_grad:
         phi = {k: v.detach() for k, v in phi.items()}
-    return phi, losses, inner
+    return phi, losses, (InnerChain(inner_steps) if structured else None)
 
 
 def inner_step_size(step_size: float | Params, step: int) -> float | Params:
@@ -164,19 +207,36 @@ def adapt_policy_resampled(policy, meta_params: Params, episode_sets: list[Episo
 
     ``loss_fns`` may pass the prebuilt ``policy_gradient_loss`` of each set.
     """
+    return adapt_policy_resampled_with_inner_steps(policy, meta_params, episode_sets, step_size,
+                                                   first_order, create_graph, loss_fns)[0]
+
+
+def adapt_policy_resampled_with_inner_steps(
+        policy, meta_params: Params, episode_sets: list[Episodes], step_size: float,
+        first_order: bool = False, create_graph: bool | None = None,
+        loss_fns: list[LossFn] | None = None) -> tuple[list[Params], InnerChain | None]:
+    """``adapt_policy_resampled``, also returning its differentiable steps (``InnerChain``; None
+    unless every step is second-order with a scalar step size and the graph is kept)."""
     if not episode_sets:
         raise ValueError("adapt_policy_resampled needs at least one episode set")
     theta, learned = split_meta_params(meta_params)
     alpha = learned if learned is not None else step_size
     losses = loss_fns or [policy_gradient_loss(policy, e) for e in episode_sets]
     phi: Params = theta
-    steps = []
+    steps: list[Params] = []
+    inner_steps: list[InnerStep] = []
+    structured = True  # every step so far second-order with a scalar step size
     for k, (episodes, loss) in enumerate(zip(episode_sets, losses)):
-        phi, _, _ = adapt_with_inner_step(phi, loss, inner_step_size(alpha, k), 1, first_order,
-                                          num_tasks=episodes.num_tasks if k == 0 else None,
-                                          create_graph=create_graph)
+        phi, _, chain = adapt_with_inner_steps(phi, loss, inner_step_size(alpha, k), 1,
+                                               first_order,
+                                               num_tasks=episodes.num_tasks if k == 0 else None,
+                                               create_graph=create_graph)
         steps.append(phi)
-    return steps
+        if chain is None:
+            structured = False
+        else:
+            inner_steps += chain.steps
+    return steps, (InnerChain(inner_steps) if structured else None)
 
 
 def adapt_policy(policy, meta_params: Params, episodes: Episodes, step_size: float,
@@ -186,22 +246,22 @@ def adapt_policy(policy, meta_params: Params, episodes: Episodes, step_size: flo
 
     Learned step sizes in ``meta_params`` (Meta-SGD) take the place of ``step_size``.
     """
-    phi, losses, _ = adapt_policy_with_inner_step(policy, meta_params, episodes, step_size,
+    phi, losses, _ = adapt_policy_with_inner_steps(policy, meta_params, episodes, step_size,
                                                   num_steps, first_order, create_graph)
     return phi, losses
 
 
-def adapt_policy_with_inner_step(policy, meta_params: Params, episodes: Episodes,
+def adapt_policy_with_inner_steps(policy, meta_params: Params, episodes: Episodes,
                                  step_size: float, num_steps: int = 1, first_order: bool = False,
                                  create_graph: bool | None = None,
                                  loss_fn: LossFn | None = None
-                                 ) -> tuple[Params, list[Tensor], InnerStep | None]:
-    """``adapt_policy``, also returning the ``InnerStep`` (see ``adapt_with_inner_step``).
+                                 ) -> tuple[Params, list[Tensor], InnerChain | None]:
+    """``adapt_policy``, also returning the ``InnerChain`` (see ``adapt_with_inner_steps``).
 
     ``loss_fn`` may pass a prebuilt ``policy_gradient_loss(policy, episodes)``.
     """
     theta, learned = split_meta_params(meta_params)
-    return adapt_with_inner_step(theta, loss_fn or policy_gradient_loss(policy, episodes),
+    return adapt_with_inner_steps(theta, loss_fn or policy_gradient_loss(policy, episodes),
                                  learned if learned is not None else step_size, num_steps,
                                  first_order, num_tasks=episodes.num_tasks,
                                  create_graph=create_graph)

@@ -23,12 +23,15 @@ import torch
 from torch import Tensor
 
 from maml_core.adaptation import (
-    InnerStep,
+    InnerChain,
     adapt_policy,
     adapt_policy_resampled,
-    adapt_policy_with_inner_step,
+    adapt_policy_resampled_with_inner_steps,
+    adapt_policy_with_inner_steps,
     masked_task_mean,
     policy_gradient_loss,
+    policy_gradient_loss_on,
+    task_major_tensors,
 )
 from maml_core.allocator import tune_allocator
 from maml_core.episodes import Episodes
@@ -75,8 +78,7 @@ class _Scored:
 
     @classmethod
     def of(cls, episodes: Episodes) -> _Scored:
-        return cls(*(episodes.task_major(k).contiguous()
-                     for k in ("observations", "actions", "advantages", "masks")))
+        return cls(*task_major_tensors(episodes))
 
     def freeze(self, policy, dist: tuple[Tensor, ...]) -> None:
         self.old_dist = tuple(d.detach() for d in dist)
@@ -93,9 +95,13 @@ class ObjectiveValue:
     task_losses: Tensor  # [N]
     kl: Tensor | None  # scalar mean KL(old || new), if an old policy was given
     adapted: Params  # batched adapted parameters (after the last inner step)
-    # The differentiable inner step (one second-order step with a scalar step size), for
-    # Hessian-vector products through it; None otherwise.
-    inner: InnerStep | None = None
+    # The differentiable inner steps (second-order, a scalar step size), for Hessian-vector
+    # products through them; None otherwise.
+    inner: InnerChain | None = None
+    # The adapted parameters scored (after each inner step, or the last only) and their terms
+    # of ``kl``, which sum to it.
+    scored: list[Params] | None = None
+    kl_terms: list[Tensor] | None = None
 
 
 class MetaObjective:
@@ -118,7 +124,14 @@ class MetaObjective:
         self.every_step = every_step
         self._scored = [_Scored.of(e) for e in ((*batch.later, batch.post) if every_step
                                                  else (batch.post,))]
-        self._inner_losses = [policy_gradient_loss(policy, e) for e in batch.inner_sets]
+        # The inner losses of steps 2, 3, ... are on the episode sets that every_step also
+        # scores: they share those task-major copies.
+        if every_step:
+            later = [policy_gradient_loss_on(policy, s.obs, s.actions, s.adv, s.mask)
+                     for s in self._scored[:-1]]
+        else:
+            later = [policy_gradient_loss(policy, e) for e in batch.later]
+        self._inner_losses = [policy_gradient_loss(policy, batch.pre), *later]
 
     @property
     def old_dist(self) -> tuple[Tensor, ...] | None:
@@ -130,13 +143,14 @@ class MetaObjective:
         return self._scored[-1].old_log_prob
 
     def _adapt(self, meta_params: Params, create_graph: bool | None = None
-               ) -> tuple[list[Params], InnerStep | None]:
-        """The adapted parameters scored (one per scored episode set) and the inner step."""
+               ) -> tuple[list[Params], InnerChain | None]:
+        """The adapted parameters scored (one per scored episode set) and the inner steps."""
         if self.batch.later:
-            return self._scored_steps(adapt_policy_resampled(
+            steps, inner = adapt_policy_resampled_with_inner_steps(
                 self.policy, meta_params, self.batch.inner_sets, self.step_size,
-                self.first_order, create_graph, self._inner_losses)), None
-        phi, _, inner = adapt_policy_with_inner_step(
+                self.first_order, create_graph, self._inner_losses)
+            return self._scored_steps(steps), inner
+        phi, _, inner = adapt_policy_with_inner_steps(
             self.policy, meta_params, self.batch.pre, self.step_size, self.num_steps,
             self.first_order, create_graph, loss_fn=self._inner_losses[0])
         return [phi], inner
@@ -174,7 +188,7 @@ class MetaObjective:
             s.freeze(self.policy, dist)
         return self._value(phis, inner, dists, kind, clip_eps, with_kl=True)
 
-    def _value(self, phis: list[Params], inner: InnerStep | None,
+    def _value(self, phis: list[Params], inner: InnerChain | None,
                dists: list[tuple[Tensor, ...]], kind: str, clip_eps: float, with_kl: bool
                ) -> ObjectiveValue:
         losses, kls = [], []
@@ -197,27 +211,31 @@ class MetaObjective:
                 kls.append(masked_task_mean(self.policy.kl(s.old_dist, dist), s.mask).mean())
         task_losses = _mean(losses)
         kl = _mean(kls) if kls else None
-        return ObjectiveValue(task_losses.mean(), task_losses, kl, phis[-1], inner)
+        kl_terms = kls if len(kls) == 1 else [k / len(kls) for k in kls]
+        return ObjectiveValue(task_losses.mean(), task_losses, kl, phis[-1], inner, phis,
+                              kl_terms or None)
 
-    def kl_hessian_product(self, meta_params: Params, value: ObjectiveValue
-                           ) -> Callable[[list[Tensor]], list[Tensor]]:
+    def kl_hessian_product(self, meta_params: Params, value: ObjectiveValue,
+                           structured: bool = True) -> Callable[[list[Tensor]], list[Tensor]]:
         """``v -> (d^2 KL / d theta^2) v`` at ``meta_params``, the exact Hessian of the mean
-        KL(old || new) through the inner step, for ``value = self.at_old_policy(meta_params)``.
+        KL(old || new) through the inner steps, for ``value = self.at_old_policy(meta_params)``.
 
-        The KL is minimal (zero, with zero gradient) in the adapted parameters phi at the old
-        policies, so its Hessian in theta is exactly ``J^T (d^2 KL / d phi^2) J`` with ``J`` the
-        Jacobian of the inner step. With a one-step ``InnerStep`` this is computed as three
-        backward passes (``J v`` through the inner gradient, the KL's Hessian in phi, ``J^T``)
-        instead of differentiating through the gradient of the KL in theta, which would also
-        form the third derivatives of the inner loss only to multiply them by that zero
-        gradient. Otherwise (several or first-order inner steps, learned step sizes) it is the
-        plain double-backward product.
+        Each KL term (one per scored inner step k) is minimal (zero, with zero gradient) in its
+        adapted parameters phi_k at the old policies, so its Hessian in theta is exactly
+        ``J^(k)^T (d^2 KL_k / d phi_k^2) J^(k)`` with ``J^(k)`` the Jacobian of the first k
+        inner steps, a product of one-step Jacobians (``InnerChain``). With ``structured`` and
+        second-order steps of a scalar step size this is computed from one-step products --
+        for one step, three backward passes (``J v`` through the inner gradient, the KL's
+        Hessian in phi, ``J^T``) -- instead of differentiating through the gradient of the KL
+        in theta, which would also form the third derivatives of the inner losses only to
+        multiply them by that zero gradient. Otherwise (first-order steps, learned step sizes,
+        or ``structured=False``) it is the plain double-backward product.
         """
         if value.kl is None:
             raise ValueError("kl_hessian_product needs a value with its KL (at_old_policy)")
         params = list(meta_params.values())
         inner = value.inner
-        if inner is None or len(inner.leaves) != len(params):
+        if not structured or inner is None or len(inner.steps[0].leaves) != len(params):
             grad_kl = torch.autograd.grad(value.kl, params, create_graph=True)
 
             def generic(vectors: list[Tensor]) -> list[Tensor]:
@@ -226,17 +244,27 @@ class MetaObjective:
                                                 materialize_grads=True))
 
             return generic
-        phi = list(value.adapted.values())
-        grad_kl_phi = torch.autograd.grad(value.kl, phi, create_graph=True)
+        # The scored parameters are those after the last len(scored) inner steps.
+        if len(value.kl_terms) != len(value.scored) or len(value.scored) > len(inner.steps):
+            raise RuntimeError(f"{len(value.kl_terms)} KL terms for {len(value.scored)} scored "
+                               f"parameter sets after {len(inner.steps)} inner steps")
+        first = len(inner.steps) - len(value.scored)
+        phis = [list(phi.values()) for phi in value.scored]
+        grad_kl_phis = [torch.autograd.grad(term, phi, create_graph=True)
+                        for term, phi in zip(value.kl_terms, phis)]
 
-        def structured(vectors: list[Tensor]) -> list[Tensor]:
-            per_task = [v.unsqueeze(0).expand_as(g) for v, g in zip(vectors, inner.grads)]
-            jv = inner.jacobian_product(per_task)
-            fjv = torch.autograd.grad(grad_kl_phi, phi, grad_outputs=jv, retain_graph=True,
-                                      materialize_grads=True)
-            return [x.sum(0) for x in inner.jacobian_product(list(fjv))]
+        def chained(vectors: list[Tensor]) -> list[Tensor]:
+            per_task = [v.unsqueeze(0).expand_as(g)
+                        for v, g in zip(vectors, inner.steps[0].grads)]
+            jvs = inner.forward_products(per_task)
+            fjvs: list[list[Tensor] | None] = [None] * first
+            for grad_kl_phi, phi, jv in zip(grad_kl_phis, phis, jvs[first:]):
+                fjvs.append(list(torch.autograd.grad(grad_kl_phi, phi, grad_outputs=jv,
+                                                     retain_graph=True,
+                                                     materialize_grads=True)))
+            return [x.sum(0) for x in inner.transpose_product(fjvs)]
 
-        return structured
+        return chained
 
     def kl_on_tasks(self, meta_params: Params, tasks: Tensor) -> Tensor:
         """Mean KL(old || new) over a subset of tasks (for subsampled Hessian-vector products)."""

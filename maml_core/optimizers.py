@@ -138,9 +138,12 @@ class GradientMetaOptimizer(MetaOptimizer):
 
 class TRPOMetaOptimizer(MetaOptimizer):
     """TRPO on the meta-objective (the paper): natural gradient by conjugate gradient on
-    Hessian-vector products of the KL (through the inner step), max-KL step, backtracking."""
+    Hessian-vector products of the KL (through the inner steps), max-KL step, backtracking."""
 
     name = "trpo"
+    # Exact Hessian-vector products from chained one-step products (see
+    # MetaObjective.kl_hessian_product); False takes plain double backward (bench/kl_hvp.py).
+    structured_hvp = True
 
     def step(self, objective: MetaObjective) -> dict[str, float]:
         cfg = self.config
@@ -190,7 +193,7 @@ class TRPOMetaOptimizer(MetaOptimizer):
         or on the first ``hvp_subsample`` fraction of the tasks when ``value`` is None."""
         cfg = self.config
         if value is not None:
-            kl_hvp = objective.kl_hessian_product(self.params, value)
+            kl_hvp = objective.kl_hessian_product(self.params, value, self.structured_hvp)
 
             def hvp(v: Tensor) -> Tensor:
                 return flat(kl_hvp(list(unflat(v, self.params).values()))) + cfg.cg_damping * v

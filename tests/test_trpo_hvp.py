@@ -1,6 +1,6 @@
-"""TRPO's fast paths: the KL Hessian-vector product through the inner step (structured as
-J^T (d^2 KL / d phi^2) J) against plain double backward and finite differences, the fused
-old-policy evaluation, and conjugate gradient's accumulated H x."""
+"""TRPO's fast paths: the KL Hessian-vector product through the inner steps (structured as
+J^T (d^2 KL / d phi^2) J, J a chain of one-step Jacobians) against plain double backward and
+finite differences, the fused old-policy evaluation, and conjugate gradient's accumulated H x."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def _objective(family="navigation2d", activation="tanh", **inner):
     learner.step()  # move away from the initialization
     tasks = learner.sample_tasks(1)
     pre = learner.collect(learner.meta_params, tasks, 1, "pre")
-    post = learner.collect(learner.adapt(pre), tasks, 1, "post")
-    return learner, learner.objective(pre, post)
+    later, phi, _ = learner.adapt_all(pre, tasks, 1)
+    post = learner.collect(phi, tasks, 1, "post")
+    return learner, learner.objective(pre, post, tuple(later))
 
 
 def _vectors(params, seed):
@@ -32,15 +33,30 @@ def _vectors(params, seed):
     return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
 
 
-@pytest.mark.parametrize("family,activation", [("navigation2d", "tanh"),
-                                               ("navigation2d", "relu"),
-                                               ("tabular-mdp", "tanh")])
-def test_structured_kl_hvp_equals_double_backward(family, activation):
-    learner, objective = _objective(family, activation)
+# Several inner steps: on the same episodes, on fresh ones (the last one scored), and on fresh
+# ones with every step scored (a KL term per step).
+MULTI_STEP = [{"num_steps": 2},
+              {"num_steps": 3, "step_size": 0.3, "fresh_episodes": True},
+              {"num_steps": 2, "fresh_episodes": True, "every_step_objective": True},
+              {"num_steps": 3, "step_size": 0.3, "fresh_episodes": True,
+               "every_step_objective": True}]
+
+
+@pytest.mark.parametrize("family,activation,inner",
+                         [("navigation2d", "tanh", {}), ("navigation2d", "relu", {}),
+                          ("tabular-mdp", "tanh", {}),
+                          *(("navigation2d", "tanh", inner) for inner in MULTI_STEP),
+                          ("navigation2d", "relu", MULTI_STEP[-2]),
+                          ("tabular-mdp", "tanh", MULTI_STEP[-2])])
+def test_structured_kl_hvp_equals_double_backward(family, activation, inner):
+    learner, objective = _objective(family, activation, **inner)
     params = list(learner.meta_params.values())
     value = objective.at_old_policy(learner.meta_params)
-    assert value.inner is not None  # the structured path is the one under test
+    # the structured path is the one under test
+    assert value.inner is not None
+    assert len(value.inner.steps) == inner.get("num_steps", 1)
     hvp = objective.kl_hessian_product(learner.meta_params, value)
+    assert hvp.__name__ == "chained"
     grad_kl = torch.autograd.grad(value.kl, params, create_graph=True)
     for seed in range(3):
         v = _vectors(params, seed)
@@ -51,8 +67,9 @@ def test_structured_kl_hvp_equals_double_backward(family, activation):
     learner.close()
 
 
-def test_kl_hvp_matches_finite_differences_of_the_kl_gradient():
-    learner, objective = _objective()
+@pytest.mark.parametrize("inner", [{}, MULTI_STEP[-2]])
+def test_kl_hvp_matches_finite_differences_of_the_kl_gradient(inner):
+    learner, objective = _objective(**inner)
     theta = {k: v.detach() for k, v in learner.meta_params.items()}
     value = objective.at_old_policy(learner.meta_params)
     hvp = objective.kl_hessian_product(learner.meta_params, value)
@@ -70,14 +87,20 @@ def test_kl_hvp_matches_finite_differences_of_the_kl_gradient():
     learner.close()
 
 
-@pytest.mark.parametrize("inner", [{"num_steps": 2}, {"first_order": True},
-                                   {"learn_step_size": True}])
-def test_kl_hvp_falls_back_to_double_backward(inner):
+# Inner steps without a chain of second-order steps (first-order, learned step sizes), and
+# chained ones for which plain double backward is asked.
+@pytest.mark.parametrize("inner,has_chain", [
+    ({"first_order": True}, False), ({"learn_step_size": True}, False),
+    ({"num_steps": 2, "fresh_episodes": True, "learn_step_size": True}, False),
+    ({"num_steps": 2, "fresh_episodes": True, "first_order": True}, False),
+    ({}, True), (MULTI_STEP[-2], True)])
+def test_kl_hvp_falls_back_to_double_backward(inner, has_chain):
     learner, objective = _objective(**inner)
     params = list(learner.meta_params.values())
     value = objective.at_old_policy(learner.meta_params)
-    assert value.inner is None
-    hvp = objective.kl_hessian_product(learner.meta_params, value)
+    assert (value.inner is not None) == has_chain
+    hvp = objective.kl_hessian_product(learner.meta_params, value, structured=not has_chain)
+    assert hvp.__name__ == "generic"
     grad_kl = torch.autograd.grad(value.kl, params, create_graph=True)
     v = _vectors(params, 1)
     dot = sum((g * x).sum() for g, x in zip(grad_kl, v))
