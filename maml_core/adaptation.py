@@ -140,14 +140,14 @@ def adapt(params: Params, loss_fn: LossFn, step_size: float | Params, num_steps:
     whenever gradients are enabled, ``params`` require grad and ``first_order`` is off.
     """
     phi, losses, _ = adapt_with_inner_steps(params, loss_fn, step_size, num_steps, first_order,
-                                           num_tasks, create_graph)
+                                            num_tasks, create_graph)
     return phi, losses
 
 
 def adapt_with_inner_steps(params: Params, loss_fn: LossFn, step_size: float | Params,
-                          num_steps: int = 1, first_order: bool = False,
-                          num_tasks: int | None = None, create_graph: bool | None = None
-                          ) -> tuple[Params, list[Tensor], InnerChain | None]:
+                           num_steps: int = 1, first_order: bool = False,
+                           num_tasks: int | None = None, create_graph: bool | None = None
+                           ) -> tuple[Params, list[Tensor], InnerChain | None]:
     """``adapt``, also returning the differentiable steps (``InnerChain``, one ``InnerStep`` per
     step) when they are second-order with a scalar step size and the graph is kept (else
     None)."""
@@ -247,21 +247,21 @@ def adapt_policy(policy, meta_params: Params, episodes: Episodes, step_size: flo
     Learned step sizes in ``meta_params`` (Meta-SGD) take the place of ``step_size``.
     """
     phi, losses, _ = adapt_policy_with_inner_steps(policy, meta_params, episodes, step_size,
-                                                  num_steps, first_order, create_graph)
+                                                   num_steps, first_order, create_graph)
     return phi, losses
 
 
 def adapt_policy_with_inner_steps(policy, meta_params: Params, episodes: Episodes,
-                                 step_size: float, num_steps: int = 1, first_order: bool = False,
-                                 create_graph: bool | None = None,
-                                 loss_fn: LossFn | None = None
-                                 ) -> tuple[Params, list[Tensor], InnerChain | None]:
+                                  step_size: float, num_steps: int = 1,
+                                  first_order: bool = False, create_graph: bool | None = None,
+                                  loss_fn: LossFn | None = None
+                                  ) -> tuple[Params, list[Tensor], InnerChain | None]:
     """``adapt_policy``, also returning the ``InnerChain`` (see ``adapt_with_inner_steps``).
 
     ``loss_fn`` may pass a prebuilt ``policy_gradient_loss(policy, episodes)``.
     """
     theta, learned = split_meta_params(meta_params)
     return adapt_with_inner_steps(theta, loss_fn or policy_gradient_loss(policy, episodes),
-                                 learned if learned is not None else step_size, num_steps,
-                                 first_order, num_tasks=episodes.num_tasks,
-                                 create_graph=create_graph)
+                                  learned if learned is not None else step_size, num_steps,
+                                  first_order, num_tasks=episodes.num_tasks,
+                                  create_graph=create_graph)
