@@ -94,14 +94,18 @@ class ObjectiveValue:
     loss: Tensor  # scalar, mean over tasks
     task_losses: Tensor  # [N]
     kl: Tensor | None  # scalar mean KL(old || new), if an old policy was given
-    adapted: Params  # batched adapted parameters (after the last inner step)
+    # The batched adapted parameters scored: after each inner step, or after the last only.
+    scored: list[Params]
     # The differentiable inner steps (second-order, a scalar step size), for Hessian-vector
     # products through them; None otherwise.
     inner: InnerChain | None = None
-    # The adapted parameters scored (after each inner step, or the last only) and their terms
-    # of ``kl``, which sum to it.
-    scored: list[Params] | None = None
+    # The terms of ``kl``, one per scored parameter set; they sum to it.
     kl_terms: list[Tensor] | None = None
+
+    @property
+    def adapted(self) -> Params:
+        """The batched adapted parameters after the last inner step."""
+        return self.scored[-1]
 
 
 class MetaObjective:
@@ -212,8 +216,7 @@ class MetaObjective:
         task_losses = _mean(losses)
         kl = _mean(kls) if kls else None
         kl_terms = kls if len(kls) == 1 else [k / len(kls) for k in kls]
-        return ObjectiveValue(task_losses.mean(), task_losses, kl, phis[-1], inner, phis,
-                              kl_terms or None)
+        return ObjectiveValue(task_losses.mean(), task_losses, kl, phis, inner, kl_terms or None)
 
     def kl_hessian_product(self, meta_params: Params, value: ObjectiveValue,
                            structured: bool = True) -> Callable[[list[Tensor]], list[Tensor]]:
