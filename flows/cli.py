@@ -246,6 +246,10 @@ def cmd_train(args) -> int:
     result = meta_train(config_path=args.config, overrides=args.overrides or None,
                         resume=args.resume, init_model=args.init_model)
     _print_summary(result)
+    if result.get("selected_iteration") is not None:
+        print(f"\nModel: the one after iteration {result['selected_iteration']} of "
+              f"{result['iterations']}, best on the validation tasks "
+              "(evaluation.validation_tasks); the table above is its held-out evaluation")
     print(f"\nMLflow run: {result['run_id']}")
     if result.get("model_version"):
         print(f"Registered model: models:/{result['registered_model']}/"
@@ -262,6 +266,10 @@ def cmd_evaluate(args) -> int:
     check_evaluation_inputs(args.model, args.tasks, args.steps, args.seed, args.episodes)
     result = evaluate_model(args.model, args.tasks, args.steps, args.seed, args.episodes)
     _print_summary(result)
+    if result.get("selected_iteration") is not None:
+        print(f"\nModel: the one after iteration {result['selected_iteration']} of "
+              f"{result['iterations']}, best on the validation tasks "
+              "(evaluation.validation_tasks); the table above is its held-out evaluation")
     print(f"\nMLflow run: {result['run_id']}")
     return 0
 

@@ -189,13 +189,21 @@ def run_meta_update(ctx: PipelineContext, iteration: int, theta: dict[str, Tenso
 
 
 def run_evaluate(ctx: PipelineContext, iteration: int, tasks: pd.DataFrame,
-                 steps: int | None = None) -> pd.DataFrame:
+                 steps: int | None = None, kind: str = "evaluation") -> pd.DataFrame:
+    """The adaptation curve of the learner's parameters on ``tasks``: the held-out evaluation
+    (``kind`` "evaluation"), or model selection's validation (``kind`` "validation": its own
+    episode seed, ``evaluation.select_steps`` steps by default)."""
     maybe_inject_fault("evaluate", iteration)
     fault_point(f"stage:evaluate:{iteration}:start")
     start = time.perf_counter()
-    curve = ctx.learner.evaluate(tasks, steps)
-    ctx.store.save_evaluation(iteration, curve)
-    ctx.timed("evaluate", start)
+    learner = ctx.learner
+    if kind == "validation":
+        curve = learner.evaluate(tasks, steps or learner.config.evaluation.select_steps,
+                                 seed=learner.validation_seed)
+    else:
+        curve = learner.evaluate(tasks, steps)
+    ctx.store.save_evaluation(iteration, curve, kind)
+    ctx.timed(kind if kind == "validation" else "evaluate", start)
     fault_point(f"stage:evaluate:{iteration}:end")
     return curve
 

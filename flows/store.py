@@ -255,8 +255,13 @@ class StageStore:
         place, so never read) and the folders of an interrupted prune; returns how many."""
         return remove_stale_temporaries(self.run_dir) + self._remove_pruned()
 
-    def save_evaluation(self, iteration: int, table: pd.DataFrame) -> Path:
-        path = self.evaluation_dir / f"iter-{iteration:06d}.parquet"
+    def save_evaluation(self, iteration: int, table: pd.DataFrame,
+                        kind: str = "evaluation") -> Path:
+        """An adaptation curve at ``iteration``: ``evaluations/`` for the held-out tasks,
+        ``validations/`` for model selection's validation tasks."""
+        folder = {"evaluation": self.evaluation_dir,
+                  "validation": self.run_dir / "validations"}[kind]
+        path = folder / f"iter-{iteration:06d}.parquet"
         self._write(lambda: atomic_write_bytes(path, table.to_parquet(index=False)))
         return path
 

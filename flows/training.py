@@ -17,7 +17,8 @@ from flows.settings import deprioritize_local_server, maml_home
 from flows.stages import PipelineContext, configured, learner_state
 from flows.store import StageStore
 from flows.writer import BackgroundWriter, ServiceUnavailableError
-from maml_core.checkpoint import latest_checkpoint
+from maml_core.checkpoint import latest_checkpoint, load_checkpoint
+from maml_core.evaluation import selection_score
 from maml_core.faults import fault_point
 from maml_core.trainer import MetaLearner, summary_table
 
@@ -40,6 +41,50 @@ def resolve_config(config_path: str | None, overrides: list[str] | None,
                 f"{str(store.run_dir)!r} (is the run id right? `maml ui` lists the runs)")
         return load_run_config(data=store.load_config(), overrides=overrides)
     return load_run_config(config_path, overrides, data=config_data)
+
+
+class ModelSelection:
+    """Model selection (``evaluation.validation_tasks``): the validation score of each model
+    validated so far, by iteration, kept in the stage store (``selection.json``) so that a
+    resumed run selects among all of them. Every validated model is also checkpointed, so the
+    selected one can be loaded back at the end."""
+
+    FILE = "selection.json"
+
+    def __init__(self, store: StageStore, select_steps: int, scores: dict[int, float]
+                 | None = None):
+        self.store, self.select_steps = store, select_steps
+        self.scores: dict[int, float] = dict(scores or {})
+
+    @classmethod
+    def load(cls, store: StageStore, select_steps: int, up_to: int) -> ModelSelection:
+        """The scores recorded up to iteration ``up_to`` (the resumed checkpoint's): later
+        ones are validated again as the run passes them."""
+        path = store.run_dir / cls.FILE
+        if not path.is_file():
+            return cls(store, select_steps)
+        record = store.read_json(path)
+        scores = {int(k): float(v) for k, v in record.get("scores", {}).items()
+                  if int(k) <= up_to}
+        return cls(store, select_steps, scores)
+
+    def add(self, iteration: int, score: float) -> None:
+        self.scores[int(iteration)] = float(score)
+        self.store.write_json(self.store.run_dir / self.FILE,
+                              {"select_steps": self.select_steps,
+                               "scores": {str(k): v for k, v in sorted(self.scores.items())}})
+
+    def best(self) -> int | None:
+        """The iteration of the highest score (the earliest of equal ones), or None."""
+        if not self.scores:
+            return None
+        return max(sorted(self.scores), key=lambda it: self.scores[it])
+
+    def table(self) -> pd.DataFrame:
+        best = self.best()
+        return pd.DataFrame({"iteration": sorted(self.scores),
+                             "validation_score": [self.scores[k] for k in sorted(self.scores)],
+                             "selected": [k == best for k in sorted(self.scores)]})
 
 
 class MetricBuffer:
@@ -117,10 +162,15 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
         tracking.log_params(run_id, config.model_dump(mode="json"))
         tracking.log_config_artifact(run_id, config.model_dump(mode="json"))
     held_out = learner.held_out_tasks()
+    validation = learner.validation_tasks()  # None: the last iterate is the model
+    selection = ModelSelection.load(store, config.evaluation.select_steps, learner.iteration)
     if not resume:
         tracking.log_dataset(run_id, held_out, name=f"{config.task.family}-held-out",
                              source=config.task.test_tasks or "seeded draw",
                              context="evaluation")
+        if validation is not None:
+            tracking.log_dataset(run_id, validation, name=f"{config.task.family}-validation",
+                                 source="seeded draw", context="validation")
     ctx = PipelineContext(learner, store, config)
     stages = configured(config)
     total = config.iterations
@@ -153,11 +203,15 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             metric_buffer.add(it, {k: v for k, v in stats.items()
                                    if k in ITERATION_METRICS or k.startswith("seconds_")})
             done = it + 1
+            validated = False
             if config.evaluation.every and (done % config.evaluation.every == 0
                                             or done == total):
                 curve = stages["evaluate"](ctx, done, held_out)
                 metric_buffer.add(done, tracking.eval_metrics(summary_table(curve)))
-            if done % config.checkpoint_every == 0 or done == total:
+                if validation is not None:
+                    metric_buffer.add(done, _validate(ctx, stages, selection, done, validation))
+                    validated = True  # checkpointed below, so that it can be selected
+            if done % config.checkpoint_every == 0 or done == total or validated:
                 metric_buffer.flush()
                 store.sync()
                 store.drain()  # everything before the checkpoint is on disk and in MLflow
@@ -189,17 +243,19 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
         finally:
             if failure is not None:
                 record_failure(run_id, failure)
-    if curve is None:
-        curve = stages["evaluate"](ctx, learner.iteration, held_out)
+    selected = _load_selected(ctx, run_id, selection) if validation is not None else None
+    if curve is None or selected not in (None, learner.iteration):
+        curve = stages["evaluate"](ctx, learner.iteration if selected is None else selected,
+                                   held_out)
     summary = summary_table(curve)
     _log_outputs(run_id, learner, config, curve, summary, held_out)
     version = None
     if config.pipeline.register_model:
         version = tracking.log_policy_model(run_id, learner, tcfg.registered_model_name,
-                                            parent_version=parent_version)
+                                            iteration=selected, parent_version=parent_version)
     tracking.end_run(run_id)
     learner.close()
-    return {"run_id": run_id, "iterations": learner.iteration,
+    return {"run_id": run_id, "iterations": learner.iteration, "selected_iteration": selected,
             "summary": summary.to_dict(orient="records"),
             "model_version": getattr(version, "version", None),
             "registered_model": tcfg.registered_model_name, "store": str(store.run_dir),
@@ -234,6 +290,40 @@ def _rl_iteration(ctx: PipelineContext, stages: dict, it: int, state: dict,
     return {**stats, "pre_return": ctx.collected["pre"]["mean_return"],
             "post_return": ctx.collected["post"]["mean_return"],
             "env_steps": float(sum(ctx.collected[p]["env_steps"] for p in phases))}
+
+
+def _validate(ctx: PipelineContext, stages: dict, selection: ModelSelection, done: int,
+              tasks: pd.DataFrame) -> dict[str, float]:
+    """Validate the model after ``done`` iterations for model selection; its metrics."""
+    curve = stages["evaluate"](ctx, done, tasks, None, "validation")
+    score = selection_score(curve, selection.select_steps)
+    selection.add(done, score)
+    metrics = {k.replace("eval_", "val_", 1): v
+               for k, v in tracking.eval_metrics(summary_table(curve)).items()}
+    return {**metrics, "val_score": score}
+
+
+def _load_selected(ctx: PipelineContext, run_id: str, selection: ModelSelection) -> int | None:
+    """Load the selected model (the best validation score) into the learner, from its
+    checkpoint in the stage store; record the choice and the scores in MLflow. Its
+    iteration, or None if no model was validated."""
+    selected = selection.best()
+    if selected is None:
+        return None
+    learner = ctx.learner
+    if selected != learner.iteration:
+        path = ctx.store.checkpoint_dir / f"iter-{selected:06d}.json"
+        if not path.is_file():
+            raise tracking.TrackingError(
+                f"model selection chose iteration {selected}, whose checkpoint {str(path)!r} "
+                "is gone from the stage store; restore it, or set "
+                "evaluation.validation_tasks: 0 and resume to keep the last iterate")
+        _, params, _ = load_checkpoint(path)
+        learner.load_params(params, f"checkpoint {str(path)!r}")
+        ctx.loaded_state = None
+    tracking.set_tags(run_id, {"maml.selected_iteration": str(selected)})
+    tracking.log_table(run_id, selection.table(), "evaluation/validation.csv")
+    return selected
 
 
 def _postfix(stats: dict[str, float]) -> dict[str, str]:

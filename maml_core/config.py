@@ -105,6 +105,13 @@ class EvaluationConfig(_Strict):
     steps: int = Field(3, ge=0, description="adaptation steps in the curve (0..steps)")
     episodes_per_task: int | None = Field(None, ge=1, description="default: training value")
     seed: int = 1234
+    validation_tasks: int = Field(
+        0, ge=0, description="model selection: at every evaluation, also adapt on this many "
+        "validation tasks (a seeded draw of their own, with episodes of their own) and keep "
+        "the model that did best there; 0: the last iterate is the model")
+    select_steps: int = Field(
+        1, ge=1, description="the validation score is the mean return (supervised: minus the "
+        "MSE) after 1..select_steps adaptation steps")
 
 
 class MAMLConfig(_Strict):
@@ -139,6 +146,11 @@ class MAMLConfig(_Strict):
             raise ValueError("inner.fresh_episodes: supervised families adapt on their "
                              f"support set ({self.task.family} samples no episodes); leave it "
                              "out")
+        ev = self.evaluation
+        if ev.validation_tasks and not ev.every:
+            raise ValueError("evaluation.validation_tasks selects among the models validated "
+                             "every evaluation.every iterations: set evaluation.every > 0 "
+                             "with it, or leave it out")
         inner = self.inner
         if inner.every_step_objective and not (inner.fresh_episodes and inner.num_steps > 1):
             raise ValueError("inner.every_step_objective scores each inner step on the episodes "

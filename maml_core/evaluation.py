@@ -72,3 +72,16 @@ def summarize(curve: pd.DataFrame, value: str = "return") -> pd.DataFrame:
     grouped = curve.groupby("step")[value]
     return pd.DataFrame({f"mean_{value}": grouped.mean(), "ci95": grouped.agg(ci95),
                          "n_tasks": grouped.size()}).reset_index()
+
+
+def selection_score(curve: pd.DataFrame, steps: int) -> float:
+    """The model-selection score of an adaptation curve: the mean over tasks and adaptation
+    steps 1..``steps`` of the return (supervised curves: of minus the MSE), higher is better."""
+    if steps < 1:
+        raise ValueError(f"selection needs at least one adaptation step, got {steps}")
+    value, sign = ("return", 1.0) if "return" in curve.columns else ("mse", -1.0)
+    chosen = curve[(curve["step"] >= 1) & (curve["step"] <= steps)]
+    if chosen["step"].nunique() != steps:
+        raise ValueError(f"the curve holds steps {sorted(curve['step'].unique().tolist())}, "
+                         f"selection scores 1..{steps}")
+    return sign * float(chosen.groupby("step")[value].mean().mean())

@@ -99,6 +99,17 @@ def held_out_tasks(config, family=None) -> pd.DataFrame:
         derive_seed(ev.seed, "held_out_tasks")))
 
 
+def validation_tasks(config, family=None) -> pd.DataFrame | None:
+    """A config's validation task set for model selection (``evaluation.validation_tasks``
+    tasks, a seeded draw apart from the held-out one), or None when selection is off."""
+    ev = config.evaluation
+    if not ev.validation_tasks:
+        return None
+    family = family if family is not None else config.family()
+    return family.sample_tasks(ev.validation_tasks, np.random.default_rng(
+        derive_seed(ev.seed, "validation_tasks")))
+
+
 def save_task_set(tasks: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix == ".csv":

@@ -178,6 +178,17 @@ class MetaLearner:
                                 self.config.gamma, self.config.gae_lambda, seed,
                                 self.config.normalize_advantages, on_episodes)
 
+    def validation_tasks(self) -> pd.DataFrame | None:
+        """The validation task set of model selection, or None when it is off."""
+        from maml_core.tasksets import validation_tasks
+
+        return validation_tasks(self.config, self.family)
+
+    @property
+    def validation_seed(self) -> int:
+        """The episode seed of validation: apart from the held-out evaluation's."""
+        return derive_seed(self.config.evaluation.seed, "validation")
+
     # ----------------------------------------------------------------- loop
     def step(self) -> IterationResult:
         """One meta-iteration: sample tasks, collect, adapt, collect, meta-update."""

@@ -1,0 +1,136 @@
+"""Model selection on validation tasks (``evaluation.validation_tasks``): the score, the
+choice, the selected model's checkpoint, registration and held-out evaluation, and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / "configs" / "navigation2d.yaml")
+# Adam with a step this large makes navigation2d's policy worse again after a few
+# meta-iterations (validation scores about -49, -38, -81, -57 at iterations 2, 4, 6, 8 on
+# the machines this was written on), so the best validated model is not the last one.
+DEGRADING = ["meta_batch_size=4", "episodes_per_task=5", "evaluation.every=2",
+             "evaluation.steps=1", "evaluation.episodes_per_task=5",
+             "evaluation.validation_tasks=4", "checkpoint_every=100",
+             "meta_optimizer.name=adam", "meta_optimizer.lr=0.1",
+             "pipeline.retry_delay_seconds=0"]
+
+
+def test_selection_score_by_hand():
+    from maml_core.evaluation import selection_score
+
+    curve = pd.DataFrame({"task_id": [0, 1] * 3, "step": [0, 0, 1, 1, 2, 2],
+                          "return": [-9.0, -7.0, -4.0, -2.0, -1.0, 0.0]})
+    assert selection_score(curve, 1) == pytest.approx(-3.0)
+    assert selection_score(curve, 2) == pytest.approx((-3.0 - 0.5) / 2)
+    mse = curve.rename(columns={"return": "mse"}).assign(mse=lambda d: -d["mse"])
+    assert selection_score(mse, 2) == pytest.approx((-3.0 - 0.5) / 2)
+    with pytest.raises(ValueError, match=r"scores 1\.\.3"):
+        selection_score(curve, 3)
+    with pytest.raises(ValueError, match="at least one adaptation step"):
+        selection_score(curve, 0)
+
+
+def test_selection_record_survives_a_resume_and_prefers_the_earliest_tie(tmp_path):
+    from flows.store import StageStore
+    from flows.training import ModelSelection
+
+    store = StageStore(tmp_path, "run")
+    store.run_dir.mkdir(parents=True)
+    sel = ModelSelection(store, 2)
+    assert sel.best() is None
+    for it, score in ((10, -5.0), (20, -3.0), (30, -3.0), (40, -1.0)):
+        sel.add(it, score)
+    assert sel.best() == 40
+    # resumed from the checkpoint at 30: the score at 40 is validated again later
+    again = ModelSelection.load(store, 2, up_to=30)
+    assert again.scores == {10: -5.0, 20: -3.0, 30: -3.0}
+    assert again.best() == 20
+    assert again.table()["selected"].tolist() == [False, True, False]
+
+
+def test_config_refuses_selection_without_evaluations():
+    from maml_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"evaluation\.every > 0"):
+        load_config(CONFIG, ["evaluation.every=0", "evaluation.validation_tasks=5"])
+
+
+@pytest.fixture(scope="module")
+def selected_run(pipeline):
+    from flows.training import meta_train
+
+    return meta_train(config_path=CONFIG, overrides=["iterations=8", *DEGRADING],
+                      run_name="selection")
+
+
+def test_selection_registers_and_evaluates_the_best_validated_model(selected_run):
+    from mlflow import MlflowClient
+
+    from flows import tracking
+    from flows.config import load_run_config
+    from maml_core.checkpoint import list_checkpoints, load_checkpoint
+    from maml_core.evaluation import selection_score
+    from maml_core.trainer import MetaLearner
+
+    run_id = selected_run["run_id"]
+    client = MlflowClient()
+    scores = {m.step: m.value for m in client.get_metric_history(run_id, "val_score")}
+    assert sorted(scores) == [2, 4, 6, 8]
+    best = max(sorted(scores), key=scores.get)
+    assert selected_run["selected_iteration"] == best
+    assert best != 8, f"the degrading config's best model should not be the last: {scores}"
+    run = client.get_run(run_id)
+    assert run.data.tags["maml.selected_iteration"] == str(best)
+
+    # every validated model was checkpointed (checkpoint_every is 100)
+    store = Path(selected_run["store"])
+    assert [it for it, _ in list_checkpoints(store / "checkpoints")] == [2, 4, 6, 8]
+
+    # the score is the mean return after one step on the validation tasks, recomputed here
+    # from the checkpoint with the validation set and seed
+    _, params, _ = load_checkpoint(store / "checkpoints" / f"iter-{best:06d}.json")
+    learner = MetaLearner(load_run_config(CONFIG, ["iterations=8", *DEGRADING]))
+    learner.load_params(params, "selected checkpoint")
+    curve = learner.evaluate(learner.validation_tasks(), 1, seed=learner.validation_seed)
+    assert selection_score(curve, 1) == pytest.approx(scores[best], rel=1e-6)
+    learner.close()
+
+    # the registered model is the selected one and says so
+    name, version = selected_run["registered_model"], selected_run["model_version"]
+    _, model_params, _, info = tracking.load_policy(f"models:/{name}/{version}")
+    assert info["iteration"] == best
+    for k in params:
+        assert torch.equal(model_params[k], params[k]), k
+
+    # its held-out evaluation equals the one made at that iteration during training
+    summary = pd.DataFrame(selected_run["summary"])
+    for row in summary.itertuples():
+        logged = {m.step: m.value for m in
+                  client.get_metric_history(run_id, f"eval_return_step_{int(row.step)}")}
+        assert row.mean_return == pytest.approx(logged[best], rel=1e-6)
+        assert row.mean_return != pytest.approx(logged[8], rel=1e-6)
+    table = tracking.read_table(run_id, "evaluation/validation.csv")
+    assert table["iteration"].tolist() == [2, 4, 6, 8]
+    assert table.loc[table["selected"], "iteration"].tolist() == [best]
+
+
+def test_resumed_run_selects_as_the_uninterrupted_one(selected_run):
+    from flows import tracking
+    from flows.training import meta_train
+
+    first = meta_train(config_path=CONFIG, overrides=["iterations=4", *DEGRADING],
+                       run_name="selection-part")
+    resumed = meta_train(resume=first["run_id"], overrides=["iterations=8"])
+    assert resumed["selected_iteration"] == selected_run["selected_iteration"]
+    _, a, _, _ = tracking.load_policy(f"models:/{resumed['registered_model']}/"
+                                      f"{resumed['model_version']}")
+    _, b, _, _ = tracking.load_policy(f"models:/{selected_run['registered_model']}/"
+                                      f"{selected_run['model_version']}")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
