@@ -28,13 +28,21 @@ def paper_rows(family: str, path: Path = PAPER_RETURNS) -> pd.DataFrame:
     return table[table["task_family"] == family].reset_index(drop=True)
 
 
-def learning_curve(history: pd.DataFrame, title: str):
-    """Pre- and post-adaptation return (or MSE) per meta-iteration."""
+def learning_curve(history: pd.DataFrame, title: str, selected: int | None = None):
+    """Pre- and post-adaptation return (or MSE) per meta-iteration; with model selection, the
+    validation scores (``val_score``, RL) as points and the selected iteration as a line."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for col, label in (("pre_return", "before adaptation"), ("post_return", "after adaptation"),
                        ("pre_mse", "before adaptation"), ("post_mse", "after adaptation")):
         if col in history:
             ax.plot(history["iteration"], history[col], label=label)
+    if "val_score" in history and "post_return" in history:
+        points = history.dropna(subset=["val_score"])
+        ax.plot(points["iteration"], points["val_score"], "o", ms=4, color="tab:green",
+                label="validation score")
+    if selected is not None:
+        ax.axvline(selected, color="tab:gray", ls="--", lw=1,
+                   label=f"selected model (iteration {selected})")
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel("MSE" if "post_mse" in history else "mean return")
     ax.set_title(title)

@@ -48,7 +48,7 @@ from maml_core.tasks.base import TASK_ID, get_task_family
 KINDS = ("meta-train", "baseline")
 METHODS = ("maml", "pretrained", "random", "oracle")
 SUPERVISED_STEPS = (1, 10)  # the paper's sinusoid comparison: MSE after 1 and 10 steps
-CURVE_KEYS = ("pre_return", "post_return", "pre_mse", "post_mse")
+CURVE_KEYS = ("pre_return", "post_return", "pre_mse", "post_mse", "val_score")
 MISSING = "—"
 NO_COMMAND = ("not recorded (started outside the `maml` command line, or before it recorded "
               "commands)")
@@ -300,6 +300,11 @@ def _runs_list(runs: list[ReportRun]) -> list[str]:
         lines.append(f"- {r.label}: run `{r.id}` ({info.run_name}, {info.status}, started "
                      f"{started}, git {commit}{export}): "
                      + (_code(r.command) if r.command else f"command {NO_COMMAND}"))
+        if tags.get("maml.selected_iteration"):
+            lines.append(f"  - its model is the one after iteration "
+                         f"{tags['maml.selected_iteration']}, selected on validation tasks "
+                         "(`evaluation.validation_tasks`; scores in "
+                         "`evaluation/validation.csv`)")
         for _, iteration, command in r.resumes:
             lines.append(f"  - resumed at iteration {iteration}: "
                          + (_code(command) if command else f"command {NO_COMMAND}"))
@@ -351,12 +356,17 @@ def _learning_curves(runs: list[ReportRun], family: str, out: Path) -> list[str]
         variant = "" if r.method == "maml" else f"-{r.id[:8]}"  # a second run of the family
         name = (f"{family}{'' if r.k_shot is None else f'-k{r.k_shot}'}{variant}"
                 "-learning-curve.png")
+        selected = r.run.data.tags.get("maml.selected_iteration")
         plots.save(plots.learning_curve(history, f"meta-training: {family} "
                                                  f"{'' if r.k_shot is None else r.label}"
-                                        .strip() + f" (run {r.id[:8]})"), out / name)
+                                        .strip() + f" (run {r.id[:8]})",
+                                        int(selected) if selected else None), out / name)
         what = "MSE" if "pre_mse" in history else "return"
+        chosen = (f" Points: validation scores; dashed line: the model selected on them "
+                  f"(iteration {selected})." if selected else "")
         lines += [f"Learning curve ({r.label}, run `{r.id}`): {what} before and after "
-                  "adaptation per meta-iteration.", "", f"![learning curve]({name})", ""]
+                  f"adaptation per meta-iteration.{chosen}", "", f"![learning curve]({name})",
+                  ""]
     return lines
 
 

@@ -248,7 +248,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
         curve = stages["evaluate"](ctx, learner.iteration if selected is None else selected,
                                    held_out)
     summary = summary_table(curve)
-    _log_outputs(run_id, learner, config, curve, summary, held_out)
+    _log_outputs(run_id, learner, config, curve, summary, held_out, selected)
     version = None
     if config.pipeline.register_model:
         version = tracking.log_policy_model(run_id, learner, tcfg.registered_model_name,
@@ -337,13 +337,14 @@ def _postfix(stats: dict[str, float]) -> dict[str, str]:
 
 
 def _log_outputs(run_id: str, learner: MetaLearner, config: RunConfig, curve: pd.DataFrame,
-                 summary: pd.DataFrame, held_out: pd.DataFrame) -> None:
+                 summary: pd.DataFrame, held_out: pd.DataFrame, selected: int | None) -> None:
     """Evaluation tables and plots of the finished run, as MLflow artifacts."""
     family = config.task.family
     history = tracking.metric_history(run_id, ["pre_return", "post_return", "pre_mse",
-                                               "post_mse"])
+                                               "post_mse", "val_score"])
     if not history.empty:
-        tracking.log_figure(run_id, plots.learning_curve(history, f"meta-training: {family}"),
+        tracking.log_figure(run_id, plots.learning_curve(history, f"meta-training: {family}",
+                                                         selected),
                             "plots/learning_curve.png")
     tracking.log_evaluation(run_id, curve, summary, plots.adaptation_curve(
         summary, family, f"adaptation on held-out: {family}"))

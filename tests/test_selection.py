@@ -134,3 +134,22 @@ def test_resumed_run_selects_as_the_uninterrupted_one(selected_run):
                                       f"{selected_run['model_version']}")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_learning_curve_shows_validation_scores_and_the_selected_model():
+    from flows import plots
+
+    history = pd.DataFrame({"iteration": [1, 2, 3, 4],
+                            "pre_return": [-40.0, -39.0, -38.0, -37.0],
+                            "post_return": [-20.0, -15.0, -12.0, -13.0],
+                            "val_score": [float("nan"), -14.0, float("nan"), -16.0]})
+    fig = plots.learning_curve(history, "t", selected=2)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    points = lines["validation score"]
+    assert list(points.get_xdata()) == [2, 4] and list(points.get_ydata()) == [-14.0, -16.0]
+    assert list(lines["selected model (iteration 2)"].get_xdata()) == [2, 2]
+    # without selection, neither appears
+    plain = plots.learning_curve(history.drop(columns="val_score"), "t").axes[0]
+    assert {line.get_label() for line in plain.get_lines()} == {"before adaptation",
+                                                                 "after adaptation"}
