@@ -98,10 +98,9 @@ def _method(run) -> str:
     return "maml" if tags.get("maml.kind") == "meta-train" else tags.get("maml.method", "?")
 
 
-def _variant(run, method: str) -> str:
-    """``<method> (<config>)``: the config file's stem, the ``--set`` overrides and the
-    ``--pretrain-iterations``/``--init-model`` of the run's recorded command (the run id's
-    start where it recorded none)."""
+def _command_parts(run) -> list[str]:
+    """The config file's stem, the ``--set`` overrides and the
+    ``--pretrain-iterations``/``--init-model`` of the run's recorded command."""
     try:
         words = shlex.split(run.data.tags.get(tracking.TAG_COMMAND) or "")
     except ValueError:
@@ -111,7 +110,41 @@ def _variant(run, method: str) -> str:
     parts += [w.split("=", 1)[1] for w in words if w.startswith("--set=")]
     parts += [f"{flag[2:]}={value}" for flag, value in itertools.pairwise(words)
               if flag in ("--pretrain-iterations", "--init-model")]
-    return f"{method} ({', '.join(parts) or run.info.run_id[:8]})"
+    return parts
+
+
+def _variant(run, method: str) -> str:
+    """``<method> (<config>)``: :func:`_command_parts` (the run id's start where the run
+    recorded no command)."""
+    return f"{method} ({', '.join(_command_parts(run)) or run.info.run_id[:8]})"
+
+
+# Params that do not change what a run learns: left out when runs are compared across seeds.
+_BOOKKEEPING = ("seed", "checkpoint_every", "pipeline.")
+
+
+def _same_but_seed(a, b) -> bool:
+    """Whether two runs' resolved configs (their MLflow params) agree on every key both have,
+    the seed and bookkeeping aside (a key that only one has was added to the config later)."""
+    pa, pb = a.data.params, b.data.params
+    return all(pa[k] == pb[k] for k in pa.keys() & pb.keys()
+               if not k.startswith(_BOOKKEEPING))
+
+
+def seed_groups(runs: list[ReportRun]) -> list[list[ReportRun]]:
+    """Runs of one method whose configs differ only in the seed, two or more to a group,
+    each group in order of seed."""
+    groups: list[list[ReportRun]] = []
+    for r in runs:
+        base = r.method.split(" ")[0]
+        group = next((g for g in groups if g[0].method.split(" ")[0] == base
+                      and _same_but_seed(g[0].run, r.run)), None)
+        if group is None:
+            groups.append([r])
+        else:
+            group.append(r)
+    key = lambda r: int(r.run.data.params.get("seed", "0"))  # noqa: E731
+    return [sorted(g, key=key) for g in groups if len(g) > 1]
 
 
 def _slot(run) -> tuple[str, str, int | None]:
@@ -448,6 +481,7 @@ def _rl_section(family: str, runs: dict[str, ReportRun], out: Path
                          "paper ±95% CI", "paper tasks"], rows), ""]
     notes = plots.paper_rows(family)["note"].dropna().unique()
     lines += [f"Paper note: {n}." for n in notes] + ([""] if len(notes) else [])
+    lines += _seed_lines(ordered, table)
     lines += _adaptation_plot(ordered, family, out)
     lines += _per_task_plot(ordered, family, out)
     lines += _learning_curves(ordered, family, out)
@@ -458,6 +492,33 @@ def _rl_section(family: str, runs: dict[str, ReportRun], out: Path
     compact = compact.reindex([m for m in table["method"].drop_duplicates()])
     compact.columns = [f"step {s}" for s in compact.columns]
     return lines, compact.fillna(MISSING)
+
+
+def _seed_lines(runs: list[ReportRun], table: pd.DataFrame) -> list[str]:
+    """Over seeds: for each group of runs that differ only in the seed, the mean of their
+    held-out means per step, the lowest and the highest."""
+    rows = []
+    for group in seed_groups(runs):
+        base = group[0].method.split(" ")[0]
+        parts = [p for p in _command_parts(group[0].run) if not p.startswith("seed=")]
+        parts = parts or [f"runs {', '.join(r.id[:8] for r in group)}"]
+        name = f"{base} ({', '.join(parts)})"
+        seeds = ", ".join(r.run.data.params.get("seed", "?") for r in group)
+        steps = sorted(set.intersection(*(set(r.summary["step"].astype(int)) for r in group)))
+        for step in steps:
+            means = [float(_row_at(r.summary, "step", step)["mean_return"]) for r in group]
+            paper = table[(table["method"] == base)
+                          & (table["step"] == step)]["paper_mean_return"]
+            rows.append([name, seeds, str(step), _fmt(float(np.mean(means)), 2),
+                         _fmt(min(means), 2), _fmt(max(means), 2),
+                         _fmt(paper.iloc[0] if len(paper) else None, 2)])
+    if not rows:
+        return []
+    return ["Over seeds: runs of one method whose configs (MLflow params) differ only in the "
+            "seed (and in `checkpoint_every`, `pipeline.*`), the mean of their held-out means "
+            "after k steps, and the lowest and highest of them.", "",
+            *_md_table(["runs", "seeds", "steps", "mean over seeds", "lowest", "highest",
+                        "paper"], rows), ""]
 
 
 def _supervised_section(family: str, runs: list[ReportRun], out: Path

@@ -231,6 +231,34 @@ def test_report_shows_a_second_maml_run_of_a_family_beside_the_first(store, tmp_
                 "defaults)") in text
         curves = sorted(p.name for p in (tmp_path / "r").glob("*learning-curve.png"))
         assert len(curves) == 2 and "navigation2d-learning-curve.png" in curves, curves
+        assert "Over seeds" not in text  # another config, not another seed
+
+
+def test_report_averages_runs_that_differ_only_in_the_seed(store, tmp_path):
+    """A second meta-train run of the same config with another seed: the report's over-seeds
+    table gives the mean of the two runs' held-out means, the lowest and the highest."""
+    from flows import tracking
+    from flows.report import write_report
+
+    argv = ["train", NAV, *_sets(), "--set", "seed=7"]
+    with _second_run(store, "meta-train", argv) as (first, second):
+        report = write_report(tmp_path / "r", run_ids=[first, second.info.run_id])
+        text = Path(report["path"]).read_text()
+        means = [float(tracking.read_table(run_id, "evaluation/summary.csv")
+                       .set_index("step").loc[1, "mean_return"])
+                 for run_id in (first, second.info.run_id)]
+        assert means[0] != means[1]
+        seeds = {run_id: tracking.get_run(run_id).data.params["seed"]
+                 for run_id in (first, second.info.run_id)}
+        assert seeds[second.info.run_id] == "7"
+        over_seeds = text.split("Over seeds", 1)[1].split("\n\n")[1].splitlines()
+        row = next(line for line in over_seeds if "| 1 | " in line)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == f"{seeds[first]}, 7"
+        assert cells[3:6] == [f"{(means[0] + means[1]) / 2:.2f}", f"{min(means):.2f}",
+                              f"{max(means):.2f}"]
+        assert cells[6] == "-11.68"  # the paper's MAML after one step
+        assert "seed=7" not in cells[0]
 
 
 def test_per_task_plot_rebuilds_each_runs_held_out_tasks_and_checks_their_digest(
