@@ -395,8 +395,10 @@ def _learning_curves(runs: list[ReportRun], family: str, out: Path) -> list[str]
                                         .strip() + f" (run {r.id[:8]})",
                                         int(selected) if selected else None), out / name)
         what = "MSE" if "pre_mse" in history else "return"
-        chosen = (f" Points: validation scores; dashed line: the model selected on them "
-                  f"(iteration {selected})." if selected else "")
+        chosen = (f" Dashed line: the model selected on validation tasks (iteration "
+                  f"{selected})." if selected else "")
+        if selected and "val_score" in history and "post_return" in history:
+            chosen = " Points: validation scores." + chosen
         lines += [f"Learning curve ({r.label}, run `{r.id}`): {what} before and after "
                   f"adaptation per meta-iteration.{chosen}", "", f"![learning curve]({name})",
                   ""]

@@ -15,6 +15,8 @@ Layout under ``<root>/<run_id>/``::
     iterations/000007/<stage>.json            statistics and checksums of each output
     checkpoints/iter-000010.{safetensors,json}
     evaluations/iter-000010.parquet
+    validations/iter-000010.parquet   with evaluation.validation_tasks: the validation
+    selection.json                    curves, and the scores the model is selected on
 
 Tensors go to safetensors, tables to parquet, small records to JSON; every write is atomic
 (temporary file, rename) and every tensor file's SHA-256 is checked on load. Only the last

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from flows.stages import PipelineContext, configured, learner_state
 from flows.store import StageStore
 from flows.writer import BackgroundWriter, ServiceUnavailableError
 from maml_core.checkpoint import latest_checkpoint, load_checkpoint
+from maml_core.config import ConfigError
 from maml_core.evaluation import selection_score
 from maml_core.faults import fault_point
 from maml_core.trainer import MetaLearner, summary_table
@@ -39,7 +41,9 @@ def resolve_config(config_path: str | None, overrides: list[str] | None,
             raise tracking.TrackingError(
                 f"cannot resume run {resume!r}: it has no stored config in "
                 f"{str(store.run_dir)!r} (is the run id right? `maml ui` lists the runs)")
-        return load_run_config(data=store.load_config(), overrides=overrides)
+        config = load_run_config(data=store.load_config(), overrides=overrides)
+        ModelSelection.check_resume(store, config)
+        return config
     return load_run_config(config_path, overrides, data=config_data)
 
 
@@ -52,33 +56,65 @@ class ModelSelection:
     FILE = "selection.json"
 
     def __init__(self, store: StageStore, select_steps: int, scores: dict[int, float]
-                 | None = None):
+                 | None = None, settings: dict | None = None):
         self.store, self.select_steps = store, select_steps
         self.scores: dict[int, float] = dict(scores or {})
+        self.settings = settings or {"select_steps": select_steps}
+
+    @staticmethod
+    def settings_of(config: RunConfig) -> dict:
+        """What a score depends on besides the model: the validation set, its episodes and
+        the steps scored."""
+        ev = config.evaluation
+        return {"validation_tasks": ev.validation_tasks, "select_steps": ev.select_steps,
+                "seed": ev.seed, "episodes_per_task": ev.episodes_per_task}
 
     @classmethod
-    def load(cls, store: StageStore, select_steps: int, up_to: int) -> ModelSelection:
-        """The scores recorded up to iteration ``up_to`` (the resumed checkpoint's): later
-        ones are validated again as the run passes them."""
+    def check_resume(cls, store: StageStore, config: RunConfig) -> None:
+        """Refuse a resume whose overrides would score the later models otherwise than the
+        earlier ones (their scores could not be compared)."""
         path = store.run_dir / cls.FILE
         if not path.is_file():
-            return cls(store, select_steps)
+            return
         record = store.read_json(path)
-        scores = {int(k): float(v) for k, v in record.get("scores", {}).items()
-                  if int(k) <= up_to}
-        return cls(store, select_steps, scores)
+        if not record.get("scores"):
+            return
+        before = record.get("settings") or {"select_steps": record.get("select_steps")}
+        now = cls.settings_of(config)
+        changed = [f"evaluation.{k}: {v} -> {now.get(k)}" for k, v in before.items()
+                   if v is not None and now.get(k) != v]
+        if changed:
+            raise ConfigError(
+                f"cannot resume run {store.run_id!r} with {', '.join(changed)}: its models "
+                "were scored for model selection with the first values, and scores made "
+                "otherwise cannot be compared with them; resume without those --set "
+                "overrides, or start a new run")
+
+    @classmethod
+    def load(cls, store: StageStore, settings: dict, up_to: int) -> ModelSelection:
+        """The scores recorded up to iteration ``up_to`` (the resumed checkpoint's): later
+        ones are validated again as the run passes them. ``settings``: this run's
+        :meth:`settings_of` (a resume that changes them is refused by :meth:`check_resume`)."""
+        path = store.run_dir / cls.FILE
+        scores = {}
+        if path.is_file():
+            scores = {int(k): float(v) for k, v in store.read_json(path).get(
+                "scores", {}).items() if int(k) <= up_to}
+        return cls(store, settings["select_steps"], scores, settings)
 
     def add(self, iteration: int, score: float) -> None:
         self.scores[int(iteration)] = float(score)
         self.store.write_json(self.store.run_dir / self.FILE,
-                              {"select_steps": self.select_steps,
+                              {"select_steps": self.select_steps, "settings": self.settings,
                                "scores": {str(k): v for k, v in sorted(self.scores.items())}})
 
     def best(self) -> int | None:
-        """The iteration of the highest score (the earliest of equal ones), or None."""
-        if not self.scores:
+        """The iteration of the highest score (the earliest of equal ones; a NaN or infinite
+        score, e.g. a diverged MSE, never wins), or None where there is none."""
+        finite = [it for it in sorted(self.scores) if math.isfinite(self.scores[it])]
+        if not finite:
             return None
-        return max(sorted(self.scores), key=lambda it: self.scores[it])
+        return max(finite, key=lambda it: self.scores[it])
 
     def table(self) -> pd.DataFrame:
         best = self.best()
@@ -163,7 +199,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
         tracking.log_config_artifact(run_id, config.model_dump(mode="json"))
     held_out = learner.held_out_tasks()
     validation = learner.validation_tasks()  # None: the last iterate is the model
-    selection = ModelSelection.load(store, config.evaluation.select_steps, learner.iteration)
+    selection = ModelSelection.load(store, ModelSelection.settings_of(config), learner.iteration)
     if not resume:
         tracking.log_dataset(run_id, held_out, name=f"{config.task.family}-held-out",
                              source=config.task.test_tasks or "seeded draw",

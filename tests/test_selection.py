@@ -48,10 +48,15 @@ def test_selection_record_survives_a_resume_and_prefers_the_earliest_tie(tmp_pat
         sel.add(it, score)
     assert sel.best() == 40
     # resumed from the checkpoint at 30: the score at 40 is validated again later
-    again = ModelSelection.load(store, 2, up_to=30)
+    again = ModelSelection.load(store, {"select_steps": 2}, up_to=30)
     assert again.scores == {10: -5.0, 20: -3.0, 30: -3.0}
     assert again.best() == 20
     assert again.table()["selected"].tolist() == [False, True, False]
+    # a diverged score (NaN, infinite) never wins; with no finite one, nothing is selected
+    again.add(40, float("nan"))
+    again.add(50, float("inf"))
+    assert again.best() == 20
+    assert ModelSelection(store, 2, {5: float("nan")}).best() is None
 
 
 def test_config_refuses_selection_without_evaluations():
@@ -123,9 +128,14 @@ def test_selection_registers_and_evaluates_the_best_validated_model(selected_run
 def test_resumed_run_selects_as_the_uninterrupted_one(selected_run):
     from flows import tracking
     from flows.training import meta_train
+    from maml_core.config import ConfigError
 
     first = meta_train(config_path=CONFIG, overrides=["iterations=4", *DEGRADING],
                        run_name="selection-part")
+    # a resume that would score the later models on another validation set is refused
+    with pytest.raises(ConfigError, match=r"evaluation\.validation_tasks: 4 -> 3"):
+        meta_train(resume=first["run_id"], overrides=["iterations=8",
+                                                      "evaluation.validation_tasks=3"])
     resumed = meta_train(resume=first["run_id"], overrides=["iterations=8"])
     assert resumed["selected_iteration"] == selected_run["selected_iteration"]
     _, a, _, _ = tracking.load_policy(f"models:/{resumed['registered_model']}/"
@@ -153,3 +163,20 @@ def test_learning_curve_shows_validation_scores_and_the_selected_model():
     plain = plots.learning_curve(history.drop(columns="val_score"), "t").axes[0]
     assert {line.get_label() for line in plain.get_lines()} == {"before adaptation",
                                                                  "after adaptation"}
+
+
+def test_validation_leaves_training_as_it_is(selected_run):
+    """The same config without model selection reaches the same last iterate."""
+    from flows.training import meta_train
+    from maml_core.checkpoint import load_checkpoint
+
+    plain = meta_train(config_path=CONFIG, run_name="no-selection",
+                       overrides=["iterations=8", *DEGRADING,
+                                  "evaluation.validation_tasks=0"])
+    assert plain["selected_iteration"] is None
+    _, with_validation, _ = load_checkpoint(Path(selected_run["store"]) / "checkpoints"
+                                            / "iter-000008.json")
+    _, without, _ = load_checkpoint(Path(plain["store"]) / "checkpoints")
+    assert with_validation.keys() == without.keys()
+    for k in without:
+        assert torch.equal(with_validation[k], without[k]), k
