@@ -72,6 +72,11 @@ class ReportRun:
         return self.run.info.run_id
 
     @property
+    def base_method(self) -> str:
+        """The method without its variant: ``maml`` for ``maml (<config>)``."""
+        return self.method.split(" ")[0]
+
+    @property
     def label(self) -> str:
         return self.method if self.k_shot is None else f"{self.method} K={self.k_shot}"
 
@@ -136,8 +141,7 @@ def seed_groups(runs: list[ReportRun]) -> list[list[ReportRun]]:
     each group in order of seed."""
     groups: list[list[ReportRun]] = []
     for r in runs:
-        base = r.method.split(" ")[0]
-        group = next((g for g in groups if g[0].method.split(" ")[0] == base
+        group = next((g for g in groups if g[0].base_method == r.base_method
                       and _same_but_seed(g[0].run, r.run)), None)
         if group is None:
             groups.append([r])
@@ -380,7 +384,7 @@ def _cost_lines(runs: list[ReportRun]) -> list[str]:
 def _learning_curves(runs: list[ReportRun], family: str, out: Path) -> list[str]:
     lines = []
     for r in runs:
-        if r.method.split(" ")[0] != "maml":
+        if r.base_method != "maml":
             continue
         history = r.run.history(list(CURVE_KEYS))
         if history.empty:
@@ -501,7 +505,7 @@ def _seed_lines(runs: list[ReportRun], table: pd.DataFrame) -> list[str]:
     held-out means per step, the lowest and the highest."""
     rows = []
     for group in seed_groups(runs):
-        base = group[0].method.split(" ")[0]
+        base = group[0].base_method
         parts = [p for p in _command_parts(group[0].run) if not p.startswith("seed=")]
         parts = parts or [f"runs {', '.join(r.id[:8] for r in group)}"]
         name = f"{base} ({', '.join(parts)})"
