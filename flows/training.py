@@ -55,11 +55,14 @@ class ModelSelection:
 
     FILE = "selection.json"
 
-    def __init__(self, store: StageStore, select_steps: int, scores: dict[int, float]
-                 | None = None, settings: dict | None = None):
-        self.store, self.select_steps = store, select_steps
+    def __init__(self, store: StageStore, settings: dict, scores: dict[int, float]
+                 | None = None):
+        self.store, self.settings = store, settings
         self.scores: dict[int, float] = dict(scores or {})
-        self.settings = settings or {"select_steps": select_steps}
+
+    @property
+    def select_steps(self) -> int:
+        return self.settings["select_steps"]
 
     @staticmethod
     def settings_of(config: RunConfig) -> dict:
@@ -79,6 +82,7 @@ class ModelSelection:
         record = store.read_json(path)
         if not record.get("scores"):
             return
+        # records made before the settings were kept hold select_steps alone
         before = record.get("settings") or {"select_steps": record.get("select_steps")}
         now = cls.settings_of(config)
         changed = [f"evaluation.{k}: {v} -> {now.get(k)}" for k, v in before.items()
@@ -100,12 +104,12 @@ class ModelSelection:
         if path.is_file():
             scores = {int(k): float(v) for k, v in store.read_json(path).get(
                 "scores", {}).items() if int(k) <= up_to}
-        return cls(store, settings["select_steps"], scores, settings)
+        return cls(store, settings, scores)
 
     def add(self, iteration: int, score: float) -> None:
         self.scores[int(iteration)] = float(score)
         self.store.write_json(self.store.run_dir / self.FILE,
-                              {"select_steps": self.select_steps, "settings": self.settings,
+                              {"settings": self.settings,
                                "scores": {str(k): v for k, v in sorted(self.scores.items())}})
 
     def best(self) -> int | None:

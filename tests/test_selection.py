@@ -42,7 +42,7 @@ def test_selection_record_survives_a_resume_and_prefers_the_earliest_tie(tmp_pat
 
     store = StageStore(tmp_path, "run")
     store.run_dir.mkdir(parents=True)
-    sel = ModelSelection(store, 2)
+    sel = ModelSelection(store, {"select_steps": 2})
     assert sel.best() is None
     for it, score in ((10, -5.0), (20, -3.0), (30, -3.0), (40, -1.0)):
         sel.add(it, score)
@@ -56,7 +56,7 @@ def test_selection_record_survives_a_resume_and_prefers_the_earliest_tie(tmp_pat
     again.add(40, float("nan"))
     again.add(50, float("inf"))
     assert again.best() == 20
-    assert ModelSelection(store, 2, {5: float("nan")}).best() is None
+    assert ModelSelection(store, {"select_steps": 2}, {5: float("nan")}).best() is None
 
 
 def test_config_refuses_selection_without_evaluations():
