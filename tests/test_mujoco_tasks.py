@@ -206,6 +206,41 @@ def test_threaded_stepping_equals_one_thread(name):
         assert results[1][-1].any()
 
 
+@pytest.mark.parametrize("name,options", [
+    ("halfcheetah-vel", {"frame_skip": 1, "torso_com": True}),
+    ("halfcheetah-vel", {"com_velocity": True}),
+    ("halfcheetah-dir", {"frame_skip": 1, "torso_com": True, "com_velocity": True}),
+    ("halfcheetah-dir", {}),
+])
+def test_cheetah_batch_step_equals_gymnasium_step(name, options):
+    """The vector env steps cheetahs as a batch (``HalfCheetahTaskEnv.step_batch``); its
+    observations and rewards equal, bit for bit, those of gymnasium's ``step`` on twin envs fed
+    the same clipped actions, over 60 steps (contacts, the solver's warm start) on two threads."""
+    family = get_task_family(name, **options)
+    tasks = family.sample_tasks(3, np.random.default_rng(5))
+    env = family.make_env(tasks, 12, 60, dtype=torch.float64)
+    assert env._step_batch is not None
+    twins = [family._env_fn()() for _ in range(env.num_envs)]
+    seeds = list(range(100, 100 + env.num_envs))
+    column = family.task_params[0]
+    for twin, value in zip(twins, np.repeat(tasks[column].to_numpy(), 12), strict=True):
+        twin.set_task({column: value})
+    obs, _ = env.reset(seed=seeds)
+    expected = np.stack([twin.reset(seed=seed)[0] for twin, seed in zip(twins, seeds,
+                                                                           strict=True)])
+    assert np.array_equal(obs.numpy(), expected)
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        actions = rng.normal(0.0, 1.0, size=(env.num_envs, family.action_dim))
+        obs, reward, terminated, truncated, _ = env.step(torch.from_numpy(actions))
+        steps = [twin.step(np.clip(a, -1.0, 1.0)) for twin, a in zip(twins, actions,
+                                                                      strict=True)]
+        assert np.array_equal(obs.numpy(), np.stack([s[0] for s in steps]))
+        assert np.array_equal(reward.numpy(), np.array([s[1] for s in steps]))
+        assert not terminated.any() and not truncated.any()
+    assert env.step_threads in (1, env.threads)  # the faster of the two, timed on the way
+
+
 def test_threaded_rollouts_equal_and_restore_torch_threads():
     """``collect_episodes`` runs the policy on one torch thread while a MuJoCo env steps
     (``policy_threads``), gives the same episodes with one and two env threads, and restores
@@ -247,9 +282,13 @@ def test_threaded_step_error_waits_for_every_thread():
     has finished its sub-envs, so nothing steps the envs after ``step`` returns."""
     import time
 
+    class OneByOne(HalfCheetahTaskEnv):  # stepped one env at a time, through ``step``
+        step_batch = None
+
     family = get_task_family("halfcheetah-vel")
     tasks = family.sample_tasks(2, np.random.default_rng(0))
-    env = GymTaskVectorEnv(tasks, 20, 10, family._env_fn(), threads=2)
+    env = GymTaskVectorEnv(tasks, 20, 10, lambda: OneByOne("velocity"), threads=2)
+    env.step_threads = 2  # skip the timing of one thread against two
     env.reset(seed=0)
     finished = []
     first, last = env.envs[0], env.envs[-1]
