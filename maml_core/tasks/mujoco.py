@@ -155,9 +155,10 @@ class GymTaskVectorEnv(TaskVectorEnv):
     raises the first sub-env's error) only once every thread is done. The policy that drives
     it runs on one torch thread (``policy_threads``).
 
-    A per-task env class with a static ``step_batch(envs, indices, actions, obs, reward)``
-    (``HalfCheetahTaskEnv``) is stepped through it, a chunk of sub-envs per call, instead of
-    its ``step``; it must give ``step``'s numbers and never end an episode.
+    A per-task env class with a static ``step_batch(envs, indices, actions, obs, reward,
+    terminated)`` (``HalfCheetahTaskEnv``, ``AntTaskEnv``) is stepped through it, a chunk of
+    sub-envs per call, instead of its ``step``; it must give ``step``'s numbers (it never
+    truncates).
     """
 
     def __init__(self, tasks: pd.DataFrame, episodes_per_task: int, horizon: int,
@@ -202,8 +203,8 @@ class GymTaskVectorEnv(TaskVectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
 
-        # Envs that never end an episode may step as a batch, without gymnasium's per-step
-        # bookkeeping: ``step_batch(envs, indices, actions, obs, reward)`` (HalfCheetahTaskEnv).
+        # Envs may step as a batch, without gymnasium's per-step bookkeeping:
+        # ``step_batch(envs, indices, actions, obs, reward, terminated)`` (the MuJoCo task envs).
         self._step_batch = getattr(type(first), "step_batch", None)
         self._obs = np.zeros((self.num_envs, self.obs_dim), dtype=np.float64)
         self._terminated = np.zeros(self.num_envs, dtype=bool)
@@ -252,7 +253,7 @@ class GymTaskVectorEnv(TaskVectorEnv):
 
         def step_some(indices: np.ndarray) -> None:
             if self._step_batch is not None:
-                self._step_batch(self.envs, indices, acts, self._obs, reward)
+                self._step_batch(self.envs, indices, acts, self._obs, reward, self._terminated)
                 return
             for i in indices:
                 obs, r, term, trunc, _ = self.envs[i].step(acts[i])
@@ -329,6 +330,16 @@ class _TaskReward:
             return self.velocity_offset - abs(float(x_velocity) - self.target)
         return self.target * float(x_velocity)
 
+    @staticmethod
+    def forward_rewards(envs: Sequence[_TaskReward], x_velocity: np.ndarray) -> np.ndarray:
+        """``forward_reward`` of each env for its velocity, as one array operation (envs of
+        one family: one objective)."""
+        target = np.array([env.target for env in envs])
+        if envs and envs[0].objective == "velocity":
+            offset = np.array([env.velocity_offset for env in envs])
+            return offset - np.abs(x_velocity - target)
+        return target * x_velocity
+
 
 class HalfCheetahTaskEnv(_TaskReward, HalfCheetahEnv):
     """HalfCheetah-v5 with reward ``forward_reward(v) - ctrl_cost_weight * |a|^2``; ``v`` is the
@@ -373,44 +384,42 @@ class HalfCheetahTaskEnv(_TaskReward, HalfCheetahEnv):
 
     @staticmethod
     def step_batch(envs: Sequence[HalfCheetahTaskEnv], indices: np.ndarray,
-                   actions: np.ndarray, obs: np.ndarray, reward: np.ndarray) -> None:
-        """``envs[i].step(actions[i])`` for each ``i`` in ``indices``, the observation written to
-        ``obs[i]`` and the reward to ``reward[i]`` (the cheetah never terminates).
+                   actions: np.ndarray, obs: np.ndarray, reward: np.ndarray,
+                   terminated: np.ndarray) -> None:
+        """``envs[i].step(actions[i])`` for each ``i`` in ``indices``, its observation, reward
+        and termination written to row ``i`` of ``obs``, ``reward`` and ``terminated``.
 
         The same numbers as ``step``, bit for bit (``tests/test_mujoco_tasks.py``), at a
         fraction of its cost: ``step`` spends most of its time, at the paper's 0.01 s step, in
         gymnasium's bookkeeping (shape checks, info dicts, ``mj_rnePostConstraint``, whose
         contact forces the cheetah neither observes nor pays for), not in ``mj_step``; here the
         loop does only the physics and the copies, and the rewards are computed for the whole
-        batch at once.
+        batch at once. The cheetah never terminates.
         """
-        count = len(indices)
-        x_before, x_after, velocity = np.empty(count), np.empty(count), np.empty(count)
-        target, offset, weight, dt = (np.empty(count) for _ in range(4))
-        for k, i in enumerate(indices):
-            env = envs[i]
+        batch = [envs[i] for i in indices]
+        x_before, x_after = np.empty(len(batch)), np.empty(len(batch))
+        velocity = np.empty(len(batch))
+        for k, (i, env) in enumerate(zip(indices, batch, strict=True)):
             data = env.data
-            qpos = data.qpos
+            qpos, qvel = data.qpos, data.qvel
             x_before[k] = qpos[0]
             data.ctrl[:] = actions[i]
             mujoco.mj_step(env.model, data, nstep=env.frame_skip)
             x_after[k] = qpos[0]
             row, positions = obs[i], len(qpos) - 1
             row[:positions] = qpos[1:]
-            row[positions:positions + len(data.qvel)] = data.qvel
+            row[positions:positions + len(qvel)] = qvel
             if env._torso_com:
                 env._recompute_positions()
-                row[positions + len(data.qvel):] = data.subtree_com[env._torso_id]
-            target[k], offset[k], dt[k] = env.target, env.velocity_offset, env.dt
-            weight[k] = env._ctrl_cost_weight
-            if env._com_velocity:
-                velocity[k] = env.centre_of_mass_velocity()
-        torso = ~np.array([envs[i]._com_velocity for i in indices], dtype=bool)
+                row[positions + len(qvel):] = data.subtree_com[env._torso_id]
+            velocity[k] = env.centre_of_mass_velocity() if env._com_velocity else np.nan
+        dt = np.array([env.dt for env in batch])
+        torso = np.array([not env._com_velocity for env in batch], dtype=bool)
         velocity[torso] = ((x_after - x_before) / dt)[torso]
-        objective = envs[indices[0]].objective if count else "velocity"
-        forward = offset - np.abs(velocity - target) if objective == "velocity" \
-            else target * velocity
-        reward[indices] = forward - weight * np.sum(np.square(actions[indices]), axis=1)
+        weight = np.array([env._ctrl_cost_weight for env in batch])
+        reward[indices] = (HalfCheetahTaskEnv.forward_rewards(batch, velocity)
+                           - weight * np.sum(np.square(actions[indices]), axis=1))
+        terminated[indices] = False
 
     def _get_rew(self, x_velocity: float, action: np.ndarray) -> tuple[float, dict[str, float]]:
         if self._com_velocity:
@@ -463,6 +472,52 @@ class AntTaskEnv(_TaskReward, AntEnv):
         utils.EzPickle.__init__(self, objective, ctrl_cost_weight, contact_cost_weight,
                                 survive_reward, include_cfrc_ext_in_observation,
                                 velocity_offset, **kwargs)
+        self._main_body_id = self.data.body(self._main_body).id
+
+    @staticmethod
+    def step_batch(envs: Sequence[AntTaskEnv], indices: np.ndarray, actions: np.ndarray,
+                   obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray) -> None:
+        """``envs[i].step(actions[i])`` for each ``i`` in ``indices``, written to row ``i`` of
+        ``obs``, ``reward`` and ``terminated``: ``step``'s numbers, bit for bit, without
+        gymnasium's per-step bookkeeping, the costs computed for the whole batch at once (see
+        ``HalfCheetahTaskEnv.step_batch``)."""
+        batch = [envs[i] for i in indices]
+        first = batch[0] if batch else None
+        x_before, x_after = np.empty(len(batch)), np.empty(len(batch))
+        healthy = np.empty(len(batch), dtype=bool)
+        forces = np.empty((len(batch), *first.data.cfrc_ext.shape)) if batch else None
+        for k, (i, env) in enumerate(zip(indices, batch, strict=True)):
+            data = env.data
+            # v5's torso position is that of the last substep's kinematics (before it integrates)
+            x_before[k] = data.xpos[env._main_body_id, 0]
+            data.ctrl[:] = actions[i]
+            mujoco.mj_step(env.model, data, nstep=env.frame_skip)
+            mujoco.mj_rnePostConstraint(env.model, data)  # the contact forces the reward pays
+            x_after[k] = data.xpos[env._main_body_id, 0]
+            qpos, qvel = data.qpos, data.qvel
+            row, positions = obs[i], len(qpos) - 2
+            row[:positions] = qpos[2:]
+            row[positions:positions + len(qvel)] = qvel
+            forces[k] = data.cfrc_ext
+            low, high = env._healthy_z_range
+            healthy[k] = (np.isfinite(qpos).all() and np.isfinite(qvel).all()
+                          and low <= qpos[2] <= high)
+        if not batch:
+            return
+        low, high = first._contact_force_range
+        clipped = np.clip(forces, low, high)
+        if first._include_cfrc_ext_in_observation:
+            obs[indices, first.observation_space.shape[0] - clipped[0, 1:].size:] = \
+                clipped[:, 1:].reshape(len(batch), -1)
+        dt = np.array([env.dt for env in batch])
+        forward = AntTaskEnv.forward_rewards(batch, (x_after - x_before) / dt)
+        ctrl_weight = np.array([env._ctrl_cost_weight for env in batch])
+        contact_weight = np.array([env._contact_cost_weight for env in batch])
+        survive = np.array([env._survive_reward for env in batch])
+        reward[indices] = (forward - ctrl_weight * np.sum(np.square(actions[indices]), axis=1)
+                           - contact_weight * np.sum(np.square(clipped), axis=(1, 2)) + survive)
+        terminate = np.array([env._terminate_when_unhealthy for env in batch], dtype=bool)
+        terminated[indices] = ~healthy & terminate
 
     def _get_rew(self, x_velocity: float, action: np.ndarray) -> tuple[float, dict[str, float]]:
         forward = self.forward_reward(x_velocity)
