@@ -3,6 +3,7 @@ for bit, on a 2-worker LocalCluster (processes, one thread each)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -118,9 +119,17 @@ def test_meta_train_on_dask_equals_local_runner(pipeline):
     from mlflow import MlflowClient
 
     flow_run_id = MlflowClient().get_run(dask["run_id"]).data.tags["prefect.flow_run_id"]
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_run_id])))
-    shard_runs = [r for r in runs if r.name.startswith("collect_shard")]
+    # Task runs on Dask workers reach the server as events, written a moment after the flow
+    # returns (later still on a busy machine): wait for them, up to 30 s.
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[flow_run_id])))
+        shard_runs = [r for r in runs if r.name.startswith("collect_shard")]
+        done = [r for r in shard_runs if r.state is not None and r.state.is_completed()]
+        if len(done) >= 2 * 2 * 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(shard_runs) == 2 * 2 * 2  # iterations x (pre, post) x shards
     assert all(r.state.is_completed() for r in shard_runs)
