@@ -170,9 +170,7 @@ class GymTaskVectorEnv(TaskVectorEnv):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
-        # Stepping on ``threads`` threads pays only where MuJoCo's GIL-free physics outweighs the
-        # Python around it: at v5's 0.05 s cheetah step two threads take 0.65x the time of one,
-        # at the paper's 0.01 s 1.4x. The first steps time both; the faster steps the rest.
+        # One thread or ``threads``, timed on the first steps (class docstring).
         self.step_threads: int | None = 1 if threads == 1 else None
         self._timings: dict[int, list[float]] = {1: [], threads: []}
         self._env_fn = env_fn
@@ -398,7 +396,6 @@ class HalfCheetahTaskEnv(_TaskReward, HalfCheetahEnv):
         """
         batch = [envs[i] for i in indices]
         x_before, x_after = np.empty(len(batch)), np.empty(len(batch))
-        velocity = np.empty(len(batch))
         for k, (i, env) in enumerate(zip(indices, batch, strict=True)):
             data = env.data
             qpos, qvel = data.qpos, data.qvel
@@ -412,10 +409,10 @@ class HalfCheetahTaskEnv(_TaskReward, HalfCheetahEnv):
             if env._torso_com:
                 env._recompute_positions()
                 row[positions + len(qvel):] = data.subtree_com[env._torso_id]
-            velocity[k] = env.centre_of_mass_velocity() if env._com_velocity else np.nan
-        dt = np.array([env.dt for env in batch])
-        torso = np.array([not env._com_velocity for env in batch], dtype=bool)
-        velocity[torso] = ((x_after - x_before) / dt)[torso]
+        velocity = (x_after - x_before) / np.array([env.dt for env in batch])
+        for k, env in enumerate(batch):  # each env's data still holds the state its step ended in
+            if env._com_velocity:
+                velocity[k] = env.centre_of_mass_velocity()
         weight = np.array([env._ctrl_cost_weight for env in batch])
         reward[indices] = (HalfCheetahTaskEnv.forward_rewards(batch, velocity)
                            - weight * np.sum(np.square(actions[indices]), axis=1))
@@ -481,11 +478,13 @@ class AntTaskEnv(_TaskReward, AntEnv):
         ``obs``, ``reward`` and ``terminated``: ``step``'s numbers, bit for bit, without
         gymnasium's per-step bookkeeping, the costs computed for the whole batch at once (see
         ``HalfCheetahTaskEnv.step_batch``)."""
+        if len(indices) == 0:
+            return
         batch = [envs[i] for i in indices]
-        first = batch[0] if batch else None
+        first = batch[0]
         x_before, x_after = np.empty(len(batch)), np.empty(len(batch))
         healthy = np.empty(len(batch), dtype=bool)
-        forces = np.empty((len(batch), *first.data.cfrc_ext.shape)) if batch else None
+        forces = np.empty((len(batch), *first.data.cfrc_ext.shape))
         for k, (i, env) in enumerate(zip(indices, batch, strict=True)):
             data = env.data
             # v5's torso position is that of the last substep's kinematics (before it integrates)
@@ -502,8 +501,6 @@ class AntTaskEnv(_TaskReward, AntEnv):
             low, high = env._healthy_z_range
             healthy[k] = (np.isfinite(qpos).all() and np.isfinite(qvel).all()
                           and low <= qpos[2] <= high)
-        if not batch:
-            return
         low, high = first._contact_force_range
         clipped = np.clip(forces, low, high)
         if first._include_cfrc_ext_in_observation:
