@@ -87,8 +87,9 @@ _OBJECTIVES: tuple[str, ...] = ("velocity", "direction")
 # Generic batched env over per-task gymnasium envs
 # --------------------------------------------------------------------------------------------
 
-# Steps (of at least this many sub-envs) that time one thread against several.
-_TRIAL_STEPS, _TRIAL_MIN_ENVS = 4, 32
+# One thread against several, timed on steps of at least _TRIAL_MIN_ENVS sub-envs taken by
+# turns: _TRIAL_PAIRS pairs of neighbouring steps after a first pair that starts the threads.
+_TRIAL_PAIRS, _TRIAL_MIN_ENVS = 16, 32
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -149,11 +150,13 @@ class GymTaskVectorEnv(TaskVectorEnv):
     ``threads`` (default: the CPUs available, ``default_step_threads``) is the most threads
     that step the sub-envs. MuJoCo releases the GIL inside ``mj_step``, but the Python around
     it holds it, so more threads pay only where the physics dominates: the first steps of an
-    env time one thread against ``threads`` (four steps each), and the faster one steps from
-    then on (``step_threads``). Each sub-env is stepped by exactly one thread and writes only
-    its own rows, so the results are identical whatever the choice. ``step`` returns (or
-    raises the first sub-env's error) only once every thread is done. The policy that drives
-    it runs on one torch thread (``policy_threads``).
+    env time one thread against ``threads`` by turns (17 pairs of neighbouring steps, the
+    first not counted), and the one faster on the median pair steps from then on
+    (``step_threads``). Neighbouring steps share the machine's load of the moment, so their
+    ratio is steadier than either time. Each sub-env is stepped by exactly one thread and
+    writes only its own rows, so the results are identical whatever the choice. ``step``
+    returns (or raises the first sub-env's error) only once every thread is done. The policy
+    that drives it runs on one torch thread (``policy_threads``).
 
     A per-task env class with a static ``step_batch(envs, indices, actions, obs, reward,
     terminated)`` (``HalfCheetahTaskEnv``, ``AntTaskEnv``) is stepped through it, a chunk of
@@ -276,9 +279,10 @@ class GymTaskVectorEnv(TaskVectorEnv):
             step_some(active)
         if self.step_threads is None and len(active) >= _TRIAL_MIN_ENVS:
             self._timings[threads].append((time.perf_counter() - start) / len(active))
-            if min(len(t) for t in self._timings.values()) >= _TRIAL_STEPS:
-                self.step_threads = min(self._timings,
-                                        key=lambda n: statistics.median(self._timings[n]))
+            one, many = self._timings[1], self._timings[self.threads]
+            if len(many) > _TRIAL_PAIRS:
+                ratio = statistics.median(m / o for o, m in zip(one[1:], many[1:], strict=True))
+                self.step_threads = self.threads if ratio < 1.0 else 1
         return (self._to_torch(self._obs), self._to_torch(reward),
                 torch.from_numpy(self._terminated.copy()).to(self.device),
                 torch.from_numpy(self._truncated.copy()).to(self.device), {})
