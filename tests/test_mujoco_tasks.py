@@ -288,6 +288,29 @@ def test_threaded_rollouts_equal_and_restore_torch_threads():
         assert torch.equal(getattr(episodes[1], field), getattr(episodes[2], field)), field
 
 
+def test_thread_choice_times_neighbouring_pairs_after_a_warm_up_pair():
+    """One thread against all: steps by turns, 16 counted pairs after a first one, and the
+    side faster on the median pair's ratio; a tie keeps one thread."""
+    from maml_core.tasks.mujoco import _TRIAL_PAIRS, faster_threads
+
+    # Ratios 0.5, 0.75, 1.2, 1.2 (median 0.975): two threads; counting the first pair (which
+    # starts the threads: ratio 10) would make it one.
+    assert faster_threads([1.0, 2.0, 2.0, 5.0, 5.0], [10.0, 1.0, 1.5, 6.0, 6.0], 2) == 2
+    # The load rises threefold during the trial and two threads are 1.25x slower on every pair.
+    assert faster_threads([1.0, 1.0, 2.0, 3.0], [0.1, 1.25, 2.5, 3.75], 4) == 1
+    assert faster_threads([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], 2) == 1  # a tie: one thread
+
+    family = get_task_family("halfcheetah-vel")
+    env = GymTaskVectorEnv(family.sample_tasks(4, np.random.default_rng(0)), 8, 50,
+                           family._env_fn(), threads=2)  # 32 sub-envs: every step is timed
+    env.reset(seed=0)
+    for step in range(2 * (_TRIAL_PAIRS + 1)):
+        assert env.step_threads is None, step
+        env.step(torch.zeros(env.num_envs, 6))
+    assert env.step_threads in (1, 2)
+    assert [len(env._timings[n]) for n in (1, 2)] == [_TRIAL_PAIRS + 1] * 2
+
+
 def test_threaded_step_error_waits_for_every_thread():
     """A sub-env that raises on one thread: ``step`` re-raises it only after the other thread
     has finished its sub-envs, so nothing steps the envs after ``step`` returns."""
