@@ -13,6 +13,16 @@ of free memory stays reserved at the top of the heap.
 nothing off glibc, when ``MAML_MALLOC_TUNING=0``, or when the process was started with its own
 malloc settings (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES``).
 It changes no numbers, only where memory comes from.
+
+What the heap keeps is not bounded by the trim threshold alone: every thread that allocates
+(the MuJoCo stepping threads, Prefect's workers) gets an arena of its own, and freed blocks
+between live ones are never trimmed. Over a long MuJoCo run the process grew by about 5 MB per
+meta-iteration (1.8 GB at iteration 7, 3.8 GB at 336), though what it used stayed flat:
+``malloc_trim(0)`` took a grown process from 1,035 MB back to 494 MB. ``release_free_memory``,
+called once per meta-iteration, hands the free memory back with ``malloc_trim`` whenever the
+resident size has grown by ``TRIM_THRESHOLD`` over its level one iteration after the last
+release, so it runs seldom (once per hundred iterations or so) and the memory an iteration
+reuses stays in the heap between releases.
 """
 
 from __future__ import annotations
@@ -54,3 +64,37 @@ def tune_allocator() -> bool:
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                     and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
+
+
+_resident_after_release: int | None = None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux ``/proc/self/statm``), or None elsewhere."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def release_free_memory(margin: int = TRIM_THRESHOLD) -> bool:
+    """``malloc_trim(0)`` if the malloc settings are in effect and the resident memory has grown
+    by more than ``margin`` bytes over its level at the first call after the last release (the
+    first call of all, or the one after a trim: by then the iteration's working set is back);
+    True if it ran."""
+    global _resident_after_release
+    if not _applied:
+        return False
+    resident = resident_bytes()
+    if resident is None:
+        return False
+    if _resident_after_release is None:
+        _resident_after_release = resident
+        return False
+    if resident - _resident_after_release <= margin:
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc_trim(0)
+    _resident_after_release = None
+    return True

@@ -24,6 +24,7 @@ from maml_core.adaptation import (
     split_meta_params,
 )
 from maml_core.advantages import process_episodes
+from maml_core.allocator import release_free_memory
 from maml_core.checkpoint import (
     CheckpointError,
     check_params_fit,
@@ -153,6 +154,7 @@ class MetaLearner:
         """One meta-optimizer step on theta from pre- and post-adaptation episodes (and those
         of the later inner steps, with fresh episodes)."""
         stats = self.optimizer.step(self.objective(pre, post, later))
+        release_free_memory()  # the iteration's graphs are freed: a bound on the heap's keep
         self._count_rejections(stats)
         stats["rejected_in_a_row"] = float(self.rejected_in_a_row)
         return stats
