@@ -288,11 +288,13 @@ def test_threaded_rollouts_equal_and_restore_torch_threads():
         assert torch.equal(getattr(episodes[1], field), getattr(episodes[2], field)), field
 
 
-def test_thread_choice_times_neighbouring_pairs_after_a_warm_up_pair():
+def test_thread_choice_times_neighbouring_pairs_after_a_warm_up_pair(monkeypatch):
     """One thread against all: steps by turns, 16 counted pairs after a first one, and the
-    side faster on the median pair's ratio; a tie keeps one thread."""
-    from maml_core.tasks.mujoco import _TRIAL_PAIRS, faster_threads
+    side faster on the median pair's ratio; a tie keeps one thread. A pair is two neighbouring
+    steps: a step of too few sub-envs, or a reset, breaks the pair it falls in."""
+    from maml_core.tasks import mujoco
 
+    faster_threads = mujoco.faster_threads
     # Ratios 0.5, 0.75, 1.2, 1.2 (median 0.975): two threads; counting the first pair (which
     # starts the threads: ratio 10) would make it one.
     assert faster_threads([1.0, 2.0, 2.0, 5.0, 5.0], [10.0, 1.0, 1.5, 6.0, 6.0], 2) == 2
@@ -300,15 +302,32 @@ def test_thread_choice_times_neighbouring_pairs_after_a_warm_up_pair():
     assert faster_threads([1.0, 1.0, 2.0, 3.0], [0.1, 1.25, 2.5, 3.75], 4) == 1
     assert faster_threads([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], 2) == 1  # a tie: one thread
 
+    calls, used = [], []
+
+    def recording(one, many, threads):
+        calls.append((list(one), list(many), threads))
+        return faster_threads(one, many, threads)
+
+    monkeypatch.setattr(mujoco, "faster_threads", recording)
     family = get_task_family("halfcheetah-vel")
     env = GymTaskVectorEnv(family.sample_tasks(4, np.random.default_rng(0)), 8, 50,
                            family._env_fn(), threads=2)  # 32 sub-envs: every step is timed
+    choose = env._threads_for_step
+    env._threads_for_step = lambda: used.append(choose()) or used[-1]
     env.reset(seed=0)
-    for step in range(2 * (_TRIAL_PAIRS + 1)):
-        assert env.step_threads is None, step
-        env.step(torch.zeros(env.num_envs, 6))
-    assert env.step_threads in (1, 2)
-    assert [len(env._timings[n]) for n in (1, 2)] == [_TRIAL_PAIRS + 1] * 2
+    zeros = torch.zeros(env.num_envs, 6)
+    env.step(zeros)  # a one-thread step, then a reset: no pair
+    env.reset(seed=0)
+    env._terminated[:4] = True  # 28 active sub-envs: not timed, and no pair on either side
+    env.step(zeros)
+    env._terminated[:4] = False
+    while env.step_threads is None:
+        env.step(zeros)
+    assert used == [1, 1] + [1, 2] * (mujoco._TRIAL_PAIRS + 1)
+    assert len(calls) == 1
+    one, many, threads = calls[0]
+    assert threads == 2 and len(one) == len(many) == mujoco._TRIAL_PAIRS + 1
+    assert env.step_threads == faster_threads(one, many, 2)
 
 
 def test_threaded_step_error_waits_for_every_thread():

@@ -158,13 +158,13 @@ class GymTaskVectorEnv(TaskVectorEnv):
     ``threads`` (default: the CPUs available, ``default_step_threads``) is the most threads
     that step the sub-envs. MuJoCo releases the GIL inside ``mj_step``, but the Python around
     it holds it, so more threads pay only where the physics dominates: the first steps of an
-    env time one thread against ``threads`` by turns (17 pairs of neighbouring steps, the
-    first not counted), and the one faster on the median pair steps from then on
-    (``step_threads``). Neighbouring steps share the machine's load of the moment, so their
-    ratio is steadier than either time. Each sub-env is stepped by exactly one thread and
-    writes only its own rows, so the results are identical whatever the choice. ``step``
-    returns (or raises the first sub-env's error) only once every thread is done. The policy
-    that drives it runs on one torch thread (``policy_threads``).
+    env time one thread against ``threads`` by turns (17 pairs of neighbouring steps of at
+    least 32 sub-envs, the first pair not counted), and the one faster on the median pair
+    steps from then on (``step_threads``). Neighbouring steps share the machine's load of the
+    moment, so their ratio is steadier than either time. Each sub-env is stepped by exactly one
+    thread and writes only its own rows, so the results are identical whatever the choice.
+    ``step`` returns (or raises the first sub-env's error) only once every thread is done. The
+    policy that drives it runs on one torch thread (``policy_threads``).
 
     A per-task env class with a static ``step_batch(envs, indices, actions, obs, reward,
     terminated)`` (``HalfCheetahTaskEnv``, ``AntTaskEnv``) is stepped through it, a chunk of
@@ -184,6 +184,7 @@ class GymTaskVectorEnv(TaskVectorEnv):
         # One thread or ``threads``, timed on the first steps (class docstring).
         self.step_threads: int | None = 1 if threads == 1 else None
         self._timings: dict[int, list[float]] = {1: [], threads: []}
+        self._pending: float | None = None  # a timed one-thread step awaiting its neighbour
         self._env_fn = env_fn
         self._apply_task = apply_task or _set_task_method
         self.envs: list[gymnasium.Env] = []
@@ -242,6 +243,7 @@ class GymTaskVectorEnv(TaskVectorEnv):
         self._terminated[:] = False
         self._truncated[:] = False
         self._needs_reset = False
+        self._pending = None  # a pair of the thread trial never spans a reset
         return self._to_torch(self._obs), {}
 
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -285,23 +287,35 @@ class GymTaskVectorEnv(TaskVectorEnv):
                 future.result()  # the first failure, if any
         else:
             step_some(active)
-        if self.step_threads is None and len(active) >= _TRIAL_MIN_ENVS:
-            self._timings[threads].append((time.perf_counter() - start) / len(active))
-            if len(self._timings[self.threads]) > _TRIAL_PAIRS:
-                self.step_threads = faster_threads(self._timings[1],
-                                                   self._timings[self.threads], self.threads)
+        if self.step_threads is None:
+            self._time_trial_step(threads, time.perf_counter() - start, len(active))
         return (self._to_torch(self._obs), self._to_torch(reward),
                 torch.from_numpy(self._terminated.copy()).to(self.device),
                 torch.from_numpy(self._truncated.copy()).to(self.device), {})
 
     def _threads_for_step(self) -> int:
-        """The threads for this step: ``step_threads`` once chosen, until then one thread and
-        ``threads`` by turns (each sub-env is stepped by one thread whatever the choice, so it
-        changes no number, only the time)."""
+        """The threads for this step: ``step_threads`` once chosen; until then one thread, and
+        ``threads`` on the step after a timed one-thread step (each sub-env is stepped by one
+        thread whatever the choice, so it changes no number, only the time)."""
         if self.step_threads is not None:
             return self.step_threads
-        one, many = self._timings[1], self._timings[self.threads]
-        return 1 if len(one) <= len(many) else self.threads
+        return 1 if self._pending is None else self.threads
+
+    def _time_trial_step(self, threads: int, seconds: float, active: int) -> None:
+        """Record a step of the thread trial: a pair is a timed one-thread step and the step
+        right after it on ``threads``; a step of fewer than ``_TRIAL_MIN_ENVS`` sub-envs is not
+        timed and breaks the pair it falls in."""
+        per_env = seconds / active if active >= _TRIAL_MIN_ENVS else None
+        if threads == 1:
+            self._pending = per_env
+            return
+        if self._pending is not None and per_env is not None:
+            self._timings[1].append(self._pending)
+            self._timings[threads].append(per_env)
+        self._pending = None
+        if len(self._timings[threads]) > _TRIAL_PAIRS:
+            self.step_threads = faster_threads(self._timings[1], self._timings[threads],
+                                               threads)
 
     def _to_torch(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array.copy()).to(device=self.device, dtype=self.dtype)
