@@ -43,7 +43,7 @@ CASES = {
     "navigation2d": ("configs/navigation2d.yaml", []),
     # Supervised: 25 sinusoids of K = 10 per step, Adam.
     "sinusoid": ("configs/sinusoid.yaml", []),
-    # The paper's cheetah protocol: 40 tasks x 20 episodes x 200 steps at 0.01 s, TRPO.
+    # The paper's cheetah protocol: 40 tasks x 10 episodes x 200 steps at 0.01 s, TRPO.
     "halfcheetah-vel": ("configs/halfcheetah-vel.yaml", []),
 }
 PHASES = ("seconds_iteration", "seconds_sampling", "seconds_adaptation", "seconds_meta_update")
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=3, help="timed meta-iterations")
     p.add_argument("--eval-tasks", type=int, default=10, help="held-out tasks evaluated")
     args = p.parse_args(argv)
+    if args.iterations < 1 or args.warmup < 0 or args.eval_tasks < 1:
+        p.error("--iterations and --eval-tasks must be >= 1 and --warmup >= 0")
     if "cuda" in args.devices and not torch.cuda.is_available():
         p.error("torch sees no CUDA device here; run on a GPU machine or pass --devices cpu")
     results, failures = [], []
