@@ -21,8 +21,9 @@ meta-iteration (1.8 GB at iteration 7, 3.8 GB at 336), though what it used staye
 ``malloc_trim(0)`` took a grown process from 1,035 MB back to 494 MB. ``release_free_memory``,
 called once per meta-iteration, hands the free memory back with ``malloc_trim`` whenever the
 resident size has grown by ``TRIM_THRESHOLD`` over its level one iteration after the last
-release, so it runs seldom (once per hundred iterations or so) and the memory an iteration
-reuses stays in the heap between releases.
+release, so the memory an iteration reuses stays in the heap between releases. In a
+halfcheetah-dir run (20 tasks x 20 episodes, the pipeline) that was every 10-20 iterations,
+the process staying between 1.4 and 2.3 GB.
 """
 
 from __future__ import annotations
