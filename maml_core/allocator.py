@@ -23,7 +23,8 @@ called once per meta-iteration, hands the free memory back with ``malloc_trim`` 
 resident size has grown by ``TRIM_THRESHOLD`` over its level one iteration after the last
 release, so the memory an iteration reuses stays in the heap between releases. In a
 halfcheetah-dir run (20 tasks x 20 episodes, the pipeline) that was every 10-20 iterations,
-the process staying between 1.4 and 2.3 GB until its first evaluation built a second env pool.
+the process staying between 1.4 and 2.3 GB until its first evaluation built a second env
+pool (evaluations now close theirs).
 """
 
 from __future__ import annotations
