@@ -41,11 +41,12 @@ TRIM_THRESHOLD = 512 * 1024 * 1024
 
 _done = False
 _applied = False
+_libc = None  # glibc, once the settings are applied: release_free_memory trims through it
 
 
 def tune_allocator() -> bool:
     """Apply the malloc settings once per process; True if they are in effect."""
-    global _done, _applied
+    global _done, _applied, _libc
     if _done:
         return _applied
     _done = True
@@ -65,6 +66,7 @@ def tune_allocator() -> bool:
     mallopt.restype = ctypes.c_int
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                     and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _libc = libc if _applied else None
     return _applied
 
 
@@ -86,7 +88,7 @@ def release_free_memory(margin: int = TRIM_THRESHOLD) -> bool:
     first call of all, or the one after a trim: by then the iteration's working set is back);
     True if it ran."""
     global _resident_after_release
-    if not _applied:
+    if _libc is None:
         return False
     resident = resident_bytes()
     if resident is None:
@@ -96,7 +98,6 @@ def release_free_memory(margin: int = TRIM_THRESHOLD) -> bool:
         return False
     if resident - _resident_after_release <= margin:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.malloc_trim(0)
+    _libc.malloc_trim(0)
     _resident_after_release = None
     return True
