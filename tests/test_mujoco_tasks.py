@@ -119,6 +119,39 @@ def test_each_sub_env_has_its_own_task():
     assert reward[0] != reward[1]
 
 
+def test_sub_envs_share_one_compiled_model_and_step_as_with_their_own():
+    """Every sub-env of every pool shares one ``MjModel`` per model, each with its own
+    ``MjData``; stepped with different actions, each follows, bit for bit, gymnasium's
+    HalfCheetah-v5 with a model compiled for itself."""
+    from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+
+    family = get_task_family("halfcheetah-dir")
+    tasks = family.sample_tasks(2, np.random.default_rng(0))
+    env = family.make_env(tasks, 3, 30, dtype=torch.float64)
+    other = family.make_env(tasks, 1, 30)
+    inner = [e.unwrapped for e in env.envs + other.envs]
+    assert len({id(e.model) for e in inner}) == 1
+    assert len({id(e.data) for e in inner}) == len(inner)
+    ant = get_task_family("ant-vel").make_env(tasks.rename(columns={"direction": "velocity"})
+                                              .assign(velocity=1.0), 2, 10)
+    assert ant.envs[0].unwrapped.model is ant.envs[1].unwrapped.model
+    assert ant.envs[0].unwrapped.model is not inner[0].model
+
+    own = [HalfCheetahEnv() for _ in range(env.num_envs)]
+    assert all(o.model is not inner[0].model for o in own)
+    seeds = list(range(env.num_envs))
+    obs, _ = env.reset(seed=seeds)
+    expected = np.stack([o.reset(seed=s)[0] for o, s in zip(own, seeds, strict=True)])
+    assert np.array_equal(obs.numpy(), expected)
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        actions = rng.uniform(-1.0, 1.0, size=(env.num_envs, 6))
+        obs, *_ = env.step(torch.from_numpy(actions))
+        expected = np.stack([o.step(a)[0] for o, a in zip(own, actions, strict=True)])
+        assert np.array_equal(obs.numpy(), expected)
+    assert not np.array_equal(expected[0], expected[1])  # the sub-envs did move apart
+
+
 def test_set_tasks_repoints_without_rebuilding():
     family, env = _make("ant-vel", [0.5, 1.0], episodes=2)
     envs = list(env.envs)
