@@ -36,8 +36,9 @@ import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's upper limit for this setting on 64-bit systems
-TRIM_THRESHOLD = 512 * 1024 * 1024
+MIB = 1 << 20
+MMAP_THRESHOLD = 32 * MIB  # glibc's upper limit for this setting on 64-bit systems
+TRIM_THRESHOLD = 512 * MIB
 
 _done = False
 _applied = False
@@ -82,22 +83,23 @@ def resident_bytes() -> int | None:
         return None
 
 
-def release_free_memory(margin: int = TRIM_THRESHOLD) -> bool:
+def release_free_memory(margin: int = TRIM_THRESHOLD) -> int | None:
     """``malloc_trim(0)`` if the malloc settings are in effect and the resident memory has grown
     by more than ``margin`` bytes over its level at the first call after the last release (the
-    first call of all, or the one after a trim: by then the iteration's working set is back);
-    True if it ran."""
+    first call of all, or the one after a trim: by then the iteration's working set is back).
+    Returns the bytes the trim handed back (resident before minus after), None if it did not
+    run."""
     global _resident_after_release
     if _libc is None:
-        return False
+        return None
     resident = resident_bytes()
     if resident is None:
-        return False
+        return None
     if _resident_after_release is None:
         _resident_after_release = resident
-        return False
+        return None
     if resident - _resident_after_release <= margin:
-        return False
+        return None
     _libc.malloc_trim(0)
     _resident_after_release = None
-    return True
+    return max(0, resident - (resident_bytes() or resident))

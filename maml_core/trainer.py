@@ -24,7 +24,7 @@ from maml_core.adaptation import (
     split_meta_params,
 )
 from maml_core.advantages import process_episodes
-from maml_core.allocator import release_free_memory
+from maml_core.allocator import MIB, release_free_memory, resident_bytes
 from maml_core.checkpoint import (
     CheckpointError,
     check_params_fit,
@@ -154,7 +154,13 @@ class MetaLearner:
         """One meta-optimizer step on theta from pre- and post-adaptation episodes (and those
         of the later inner steps, with fresh episodes)."""
         stats = self.optimizer.step(self.objective(pre, post, later))
-        release_free_memory()  # the iteration's graphs are freed: a bound on the heap's keep
+        # The iteration's graphs are freed: a bound on what the heap keeps. The process's
+        # memory goes with the stats (MLflow), so a long run's memory can be watched.
+        released = release_free_memory()
+        resident = resident_bytes()
+        if resident is not None:
+            stats["memory_resident_mb"] = resident / MIB
+        stats["memory_released_mb"] = (released or 0) / MIB
         self._count_rejections(stats)
         stats["rejected_in_a_row"] = float(self.rejected_in_a_row)
         return stats

@@ -50,6 +50,8 @@ def test_train_records_lineage_and_model(trained, pipeline):
 
     from flows import tracking
     from flows.config import load_run_config
+    from maml_core import allocator
+    from maml_core.allocator import MIB
     from maml_core.trainer import MetaLearner
 
     client = MlflowClient()
@@ -62,7 +64,13 @@ def test_train_records_lineage_and_model(trained, pipeline):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "post_return")]
     assert sorted(steps) == [0, 1, 2]
     assert {"eval_return_step_0", "eval_return_step_1", "kl", "grad_norm",
-            "seconds_meta_update"} <= set(run.data.metrics)
+            "seconds_meta_update", "memory_released_mb"} <= set(run.data.metrics)
+    # The process's memory after each meta-update: this process's size at that moment.
+    resident = [m.value for m in client.get_metric_history(run.info.run_id,
+                                                           "memory_resident_mb")]
+    if allocator.resident_bytes() is not None:
+        assert len(resident) == 3 and all(50 < mb < allocator.resident_bytes() / MIB * 1.5
+                                          for mb in resident)
     datasets = run.inputs.dataset_inputs
     assert any(d.dataset.name == "navigation2d-held-out" for d in datasets)
 
