@@ -46,10 +46,19 @@ keeps the policy small. (rllab's ant did observe them, clipped.) Pass
 ``include_contact_forces=True`` to the ant families for v5's full 105-dim observation. The
 contact forces are always in the reward.
 
-Differences from the paper's rllab environments: gymnasium's v5 models and observations
-(rllab's models had different gear ratios, integrators and observation layouts; its ant starts
-with the torso at 0.55, v5's at 0.75), and the velocity in the reward is the torso's rather
-than the centre of mass's (the ant's always; the half-cheetah's unless ``com_velocity``).
+Differences from the paper's rllab environments, read from rllab's model files:
+
+* The half-cheetah's model is v5's, element for element (bodies, joints, stiffness, damping,
+  gears, contact parameters, the 0.01 s timestep); only the simulator differs (MuJoCo 1.31
+  then, 3.x now, whose contact solver changed).
+* rllab's ant steps 0.02 s with RK4 in one substep (here two of v5's 0.01 s), drives its
+  motors with torques in [-150, 150] (rllab's action normalization scaled [-1, 1] to that and
+  paid the control cost on the normalized action, as v5's gear 150 on [-1, 1] does), makes its
+  contacts softer (``solimp .8 .8 .01`` on every geom, where v5 keeps MuJoCo's default
+  ``.9 .95 .001``), and starts with the torso at 0.55 (v5: 0.75). It also observed its
+  position, orientation matrix and centre of mass, here left out.
+* The velocity in the reward is the torso's rather than the centre of mass's (the ant's
+  always; the half-cheetah's unless ``com_velocity``).
 
 ``GymTaskVectorEnv`` is generic: it batches any per-task gymnasium env that has a
 ``set_task(task)`` method (or a custom ``apply_task`` callback) behind the ``TaskVectorEnv`` API.
