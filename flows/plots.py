@@ -52,6 +52,51 @@ def learning_curve(history: pd.DataFrame, title: str, selected: int | None = Non
     return fig
 
 
+def resources(history: pd.DataFrame, title: str):
+    """Where a run's time and memory went, per meta-iteration: above, the seconds of each stage
+    (``seconds_<stage>`` columns, stacked) under the whole iteration's; below, the process's
+    resident memory after the meta-update (``memory_resident_mb``), with the iterations whose
+    release handed memory back (``memory_released_mb`` > 0) marked. None when the history has
+    neither."""
+    stages = [c for c in history.columns
+              if c.startswith("seconds_") and c != "seconds_iteration"]
+    memory = "memory_resident_mb" in history
+    if not stages and "seconds_iteration" not in history and not memory:
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                      height_ratios=(3, 2))
+    x = history["iteration"]
+    if stages:
+        top.stackplot(x, [history[c].fillna(0.0) for c in stages],
+                      labels=[c.removeprefix("seconds_").replace("_", " ") for c in stages],
+                      alpha=0.8)
+    if "seconds_iteration" in history:
+        top.plot(x, history["seconds_iteration"], color="black", lw=0.8,
+                 label="whole iteration")
+    top.set_ylabel("seconds")
+    top.set_title(title)
+    top.grid(alpha=0.3)
+    if stages or "seconds_iteration" in history:
+        top.legend(fontsize="small", ncol=2)
+    if memory:
+        gb = history["memory_resident_mb"] / 1024
+        bottom.plot(x, gb, color="tab:purple", label="resident memory after the meta-update")
+        released = history.get("memory_released_mb", pd.Series(0.0, index=history.index))
+        released = released.fillna(0.0) > 0
+        if released.any():
+            bottom.plot(x[released], gb[released], "v", color="tab:red", ms=5,
+                        label="memory handed back (malloc_trim)")
+        bottom.legend(fontsize="small")
+    else:
+        bottom.text(0.5, 0.5, "no memory figures recorded", ha="center", va="center",
+                    transform=bottom.transAxes)
+    bottom.set_ylabel("GB")
+    bottom.set_xlabel("meta-iteration")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 # One colour per method, shared by our curve and the paper's (labels "ours: maml", "paper: maml").
 METHOD_COLORS = {"maml": "tab:blue", "pretrained": "tab:orange", "random": "tab:green",
                  "oracle": "tab:red"}

@@ -387,6 +387,11 @@ def _log_outputs(run_id: str, learner: MetaLearner, config: RunConfig, curve: pd
         tracking.log_figure(run_id, plots.learning_curve(history, f"meta-training: {family}",
                                                          selected),
                             "plots/learning_curve.png")
+    usage = tracking.metric_history(run_id, [key for key in tracking.get_run(run_id).data.metrics
+                                             if key.startswith(("seconds_", "memory_"))])
+    figure = plots.resources(usage, f"time and memory per meta-iteration: {family}")
+    if figure is not None:
+        tracking.log_figure(run_id, figure, "plots/resources.png")
     tracking.log_evaluation(run_id, curve, summary, plots.adaptation_curve(
         summary, family, f"adaptation on held-out: {family}"))
     if family == "navigation2d":

@@ -84,7 +84,7 @@ def test_train_records_lineage_and_model(trained, pipeline):
     for expected in ("checkpoints/iter-000002.json", "checkpoints/iter-000003.safetensors",
                      "evaluation/summary.csv", "evaluation/per_task.csv",
                      "plots/learning_curve.png", "plots/adaptation_curve.png",
-                     "plots/navigation_trajectories.png"):
+                     "plots/navigation_trajectories.png", "plots/resources.png"):
         assert expected in artifacts, expected
 
     # The registered model reloads by alias and acts like the in-memory policy.

@@ -1,0 +1,47 @@
+"""The run's time-and-memory figure: what it draws from a metric history."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from flows import plots
+
+
+def test_resources_stacks_the_stages_and_marks_the_releases():
+    history = pd.DataFrame({
+        "iteration": [0, 1, 2, 3],
+        "seconds_collect_pre": [2.0, 2.5, 2.0, 2.2],
+        "seconds_meta_update": [1.0, 1.0, 1.5, 1.0],
+        "seconds_checkpoint": [np.nan, 0.3, np.nan, np.nan],  # only where it ran
+        "seconds_iteration": [3.1, 3.9, 3.6, 3.3],
+        "memory_resident_mb": [1024.0, 2048.0, 1536.0, 1800.0],
+        "memory_released_mb": [0.0, 0.0, 600.0, 0.0],
+    })
+    fig = plots.resources(history, "t")
+    top, bottom = fig.axes
+    stacked = top.collections
+    assert [c.get_label() for c in stacked] == ["collect pre", "meta update", "checkpoint"]
+    # the stack's upper edge is the stages' sum, a missing stage counting 0
+    upper = stacked[-1].get_paths()[0].vertices[:, 1].max()
+    assert upper == 2.5 + 1.0 + 0.3
+    lines = {line.get_label(): line for line in top.get_lines() + bottom.get_lines()}
+    assert list(lines["whole iteration"].get_ydata()) == [3.1, 3.9, 3.6, 3.3]
+    assert list(lines["resident memory after the meta-update"].get_ydata()) == [
+        1.0, 2.0, 1.5, 1800 / 1024]
+    marks = lines["memory handed back (malloc_trim)"]
+    assert list(marks.get_xdata()) == [2] and list(marks.get_ydata()) == [1.5]
+
+
+def test_resources_without_figures():
+    assert plots.resources(pd.DataFrame({"iteration": [0], "post_return": [1.0]}), "t") is None
+    fig = plots.resources(pd.DataFrame({"iteration": [0, 1],
+                                        "seconds_iteration": [1.0, 2.0]}), "t")
+    assert fig.axes[1].texts[0].get_text() == "no memory figures recorded"
+
+
+def test_resources_marks_no_release_where_none_ran():
+    fig = plots.resources(pd.DataFrame({"iteration": [0, 1], "memory_resident_mb": [900.0, 950.0],
+                                        "memory_released_mb": [0.0, 0.0]}), "t")
+    assert [line.get_label() for line in fig.axes[1].get_lines()] == [
+        "resident memory after the meta-update"]
