@@ -50,13 +50,14 @@ Differences from the paper's rllab environments, read from rllab's model files:
 
 * The half-cheetah's model is v5's, element for element (bodies, joints, stiffness, damping,
   gears, contact parameters, the 0.01 s timestep); only the simulator differs (MuJoCo 1.31
-  then, 3.x now, whose contact solver changed).
+  then, a current MuJoCo now, whose contact solver has changed since).
 * rllab's ant steps 0.02 s with RK4 in one substep (here two of v5's 0.01 s), drives its
   motors with torques in [-150, 150] (rllab's action normalization scaled [-1, 1] to that and
   paid the control cost on the normalized action, as v5's gear 150 on [-1, 1] does), makes its
   contacts softer (``solimp .8 .8 .01`` on every geom, where v5 keeps MuJoCo's default
-  ``.9 .95 .001``), and starts with the torso at 0.55 (v5: 0.75). It also observed its
-  position, orientation matrix and centre of mass, here left out.
+  ``.9 .95 .001``), and starts with the torso at 0.55 (its ``init_qpos``; v5's file carries
+  the same numbers, but v5 starts from the body's 0.75). It also observed its position,
+  orientation matrix and centre of mass, here left out.
 * The velocity in the reward is the torso's rather than the centre of mass's (the ant's
   always; the half-cheetah's unless ``com_velocity``).
 
@@ -354,7 +355,9 @@ class _SharedModel:
     (``tests/test_mujoco_tasks.py`` checks against gymnasium's envs, each with its own model).
     Measured on halfcheetah-dir's pool of 20 tasks x 20 episodes after 200 steps: 411 MB
     with a model per sub-env, 181 MB shared, and built in 0.5 s instead of 1.5 s. An env that
-    must change its model has to copy it first (``copy.copy(model)``) and set ``self.model``.
+    must change its model has to copy it first (``copy.copy(model)``) and set ``self.model``;
+    gymnasium's interactive viewer, whose transparency key edits ``geom_rgba``, changes how
+    every env of the process is drawn (the drawing only).
     """
 
     fullpath: str
@@ -362,7 +365,7 @@ class _SharedModel:
     height: int
 
     def _initialize_simulation(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
-        key = (type(self), self.fullpath, self.width, self.height)
+        key = (type(self), os.path.realpath(self.fullpath), self.width, self.height)
         with _MODELS_LOCK:
             model = _MODELS.get(key)
             if model is None:
