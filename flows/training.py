@@ -252,6 +252,9 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                 if validation is not None:
                     metric_buffer.add(done, _validate(ctx, stages, selection, done, validation))
                     validated = True  # checkpointed below, so that it can be selected
+                # Their seconds go with their figures, at step ``done``: outside the iteration's.
+                metric_buffer.add(done, {f"seconds_{k}": ctx.timings[k]
+                                         for k in ("evaluate", "validation") if k in ctx.timings})
             if done % config.checkpoint_every == 0 or done == total or validated:
                 metric_buffer.flush()
                 store.sync()

@@ -71,6 +71,9 @@ def test_train_records_lineage_and_model(trained, pipeline):
     if allocator.resident_bytes() is not None:
         assert len(resident) == 3 and all(50 < mb < allocator.resident_bytes() / MIB * 1.5
                                           for mb in resident)
+    # An evaluation's seconds at the step of its figures (every 2 iterations and at the end).
+    evaluated = client.get_metric_history(run.info.run_id, "seconds_evaluate")
+    assert sorted(m.step for m in evaluated) == [2, 3] and all(m.value > 0 for m in evaluated)
     datasets = run.inputs.dataset_inputs
     assert any(d.dataset.name == "navigation2d-held-out" for d in datasets)
 

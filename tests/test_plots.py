@@ -13,7 +13,7 @@ def test_resources_stacks_the_stages_and_marks_the_releases():
         "iteration": [0, 1, 2, 3],
         "seconds_collect_pre": [2.0, 2.5, 2.0, 2.2],
         "seconds_meta_update": [1.0, 1.0, 1.5, 1.0],
-        "seconds_checkpoint": [np.nan, 0.3, np.nan, np.nan],  # only where it ran
+        "seconds_evaluate": [np.nan, 0.3, np.nan, np.nan],  # only where it ran
         "seconds_iteration": [3.1, 3.9, 3.6, 3.3],
         "memory_resident_mb": [1024.0, 2048.0, 1536.0, 1800.0],
         "memory_released_mb": [0.0, 0.0, 600.0, 0.0],
@@ -21,7 +21,7 @@ def test_resources_stacks_the_stages_and_marks_the_releases():
     fig = plots.resources(history, "t")
     top, bottom = fig.axes
     stacked = top.collections
-    assert [c.get_label() for c in stacked] == ["collect pre", "meta update", "checkpoint"]
+    assert [c.get_label() for c in stacked] == ["collect pre", "meta update", "evaluate"]
     # the stack's upper edge is the stages' sum, a missing stage counting 0
     upper = stacked[-1].get_paths()[0].vertices[:, 1].max()
     assert upper == 2.5 + 1.0 + 0.3
