@@ -377,6 +377,8 @@ def _postfix(stats: dict[str, float]) -> dict[str, str]:
         if key in stats:
             out[label] = f"{stats[key]:.2f}"
     out["s/it"] = f"{stats['seconds_iteration']:.2f}"
+    if "memory_resident_mb" in stats:
+        out["mem"] = f"{stats['memory_resident_mb'] / 1024:.2f}G"
     return out
 
 

@@ -325,3 +325,14 @@ def test_cli_rejects_bad_input_before_work(pipeline, capsys, tmp_path):
     assert main(["schedule", CONFIG, "--cron", "every day"]) == 2
     assert "cron" in capsys.readouterr().err
     assert main(["evaluate", "models:/maml-policy@no-such-alias"]) == 2
+
+
+def test_progress_bar_shows_returns_speed_and_memory():
+    from flows.training import _postfix
+
+    stats = {"pre_return": -40.0, "post_return": -12.345, "seconds_iteration": 11.956,
+             "memory_resident_mb": 2252.8, "kl": 0.01}
+    assert _postfix(stats) == {"pre": "-40.00", "post": "-12.35", "s/it": "11.96",
+                               "mem": "2.20G"}
+    del stats["memory_resident_mb"]  # a supervised iteration has no meta-update release
+    assert "mem" not in _postfix(stats)
