@@ -438,6 +438,42 @@ def _per_task_panel(report_run: ReportRun) -> tuple[str, pd.DataFrame] | str:
     return coordinate, per_task.merge(by_task, on=TASK_ID, validate="many_to_one")
 
 
+# A task coordinate with at most this many values (halfcheetah-dir's and ant-dir's direction)
+# gets a table of the mean return per value beside the per-task plot.
+MAX_COORDINATE_VALUES = 4
+
+
+def by_coordinate_value(panel: pd.DataFrame, coordinate: str) -> pd.DataFrame | None:
+    """A run's mean return per value of the task coordinate and step (columns: the value,
+    ``tasks``, one per step), and a last row ``equal weight``: the mean over the values, i.e.
+    the return expected where each value is equally likely, whatever the held-out set's mix.
+    None where the coordinate takes more than ``MAX_COORDINATE_VALUES`` values."""
+    values = sorted(panel[coordinate].unique())
+    if len(values) > MAX_COORDINATE_VALUES:
+        return None
+    means = panel.groupby([coordinate, "step"])["return"].mean().unstack("step")
+    table = means.reindex(values)
+    table.insert(0, "tasks", panel.groupby(coordinate)[TASK_ID].nunique().reindex(values))
+    table.loc["equal weight"] = [np.nan, *table.drop(columns="tasks").mean()]
+    table.index.name = coordinate
+    return table
+
+
+def _coordinate_value_lines(panels: dict[str, pd.DataFrame], coordinate: str) -> list[str]:
+    tables = {label: by_coordinate_value(panel, coordinate) for label, panel in panels.items()}
+    tables = {label: t for label, t in tables.items() if t is not None}
+    if not tables:
+        return []
+    steps = sorted({c for t in tables.values() for c in t.columns if c != "tasks"})
+    rows = [[label, value if isinstance(value, str) else f"{value:g}",
+             _fmt(row["tasks"], 0), *[_fmt(row.get(s), 2) for s in steps]]
+            for label, t in tables.items() for value, row in t.iterrows()]
+    return [f"Mean return per {coordinate} of the held-out tasks, and with equal weight on "
+            f"each {coordinate} (the task distribution's mix, whatever the held-out set's): a "
+            "mean over all tasks hides a run that adapts well one way only.", "",
+            *_md_table(["run", coordinate, "tasks", *[f"step {s}" for s in steps]], rows), ""]
+
+
 def _per_task_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]:
     """Each run's per-task returns against the family's task coordinate (e.g. the target
     velocity), where the family has one and the run's held-out tasks can be rebuilt."""
@@ -464,6 +500,7 @@ def _per_task_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]:
         lines += [f"Per held-out task, its return after each adaptation step against the "
                   f"task's {coordinate}, one panel per run: where adaptation reaches and "
                   "where it falls short.", "", f"![per-task returns]({name})", ""]
+        lines += _coordinate_value_lines(panels, coordinate)
     if left_out:
         lines += ["Left out of the per-task plot: " + "; ".join(left_out) + ".", ""]
     return lines

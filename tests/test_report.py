@@ -513,3 +513,27 @@ def test_an_export_keeps_its_task_file_for_another_checkout(store, tmp_path):
     oracle = export_run(store["runs"]["baseline"].info.run_id, tmp_path / "runs")
     assert not (oracle / "model").exists()  # a baseline that logged no policy
     assert main(["evaluate", str(oracle)]) == 2
+
+
+def test_mean_return_per_direction_and_with_equal_weight():
+    """Three tasks forward, one backward: the per-direction means and their plain mean, which
+    weighs each direction alike whatever the held-out mix (all numbers by hand)."""
+    import pandas as pd
+
+    from flows.report import _coordinate_value_lines, by_coordinate_value
+
+    panel = pd.DataFrame({"task_id": [0, 1, 2, 3] * 2, "step": [0] * 4 + [1] * 4,
+                          "direction": [1.0, 1.0, 1.0, -1.0] * 2,
+                          "return": [-10.0, -20.0, -30.0, 40.0, 100.0, 200.0, 300.0, 600.0]})
+    table = by_coordinate_value(panel, "direction")
+    assert list(table.index) == [-1.0, 1.0, "equal weight"]
+    assert list(table["tasks"].iloc[:2]) == [1, 3]
+    assert list(table[0]) == [40.0, -20.0, 10.0]
+    assert list(table[1]) == [600.0, 200.0, 400.0]  # the mean over all four tasks is 300
+    lines = _coordinate_value_lines({"maml": panel}, "direction")
+    assert "| maml | equal weight | — | 10.00 | 400.00 |" in lines
+    assert "| maml | -1 | 1 | 40.00 | 600.00 |" in lines
+    # a coordinate of many values (a target velocity) gets no table
+    many = panel.assign(direction=[0.1, 0.2, 0.3, 0.4, 0.5, 0.2, 0.3, 0.4])
+    assert by_coordinate_value(many, "direction") is None
+    assert _coordinate_value_lines({"maml": many}, "direction") == []
