@@ -590,3 +590,24 @@ def test_half_cheetah_rewards_its_centre_of_mass_velocity_as_an_option(name):
         env.close()
     with pytest.raises(ValueError, match="com_velocity must be True or False"):
         get_task_family(name, com_velocity=1)
+
+
+@pytest.mark.parametrize("name", ["halfcheetah-dir", "ant-dir"])
+def test_balanced_direction_sampling(name):
+    """``balanced``: each sampled set holds each direction equally (odd counts: one more of a
+    random one), shuffled and reproducible; without it, independent draws as before."""
+    balanced = get_task_family(name, balanced=True)
+    for n in (1, 2, 7, 20, 40):
+        for seed in range(5):
+            directions = balanced.sample_tasks(n, np.random.default_rng(seed))["direction"]
+            forward = int((directions == 1.0).sum())
+            assert abs(forward - (n - forward)) == n % 2
+            assert set(directions) <= {-1.0, 1.0}
+    twenty = [balanced.sample_tasks(20, np.random.default_rng(s))["direction"].tolist()
+              for s in range(3)]
+    assert twenty[0] == balanced.sample_tasks(20, np.random.default_rng(0))["direction"].tolist()
+    assert len({tuple(t) for t in twenty}) == 3 and sorted(twenty[0]) != twenty[0]
+    plain = get_task_family(name).sample_tasks(20, np.random.default_rng(3))["direction"]
+    assert plain.tolist() == np.random.default_rng(3).choice([-1.0, 1.0], size=20).tolist()
+    with pytest.raises(ValueError, match="balanced must be True or False"):
+        get_task_family(name, balanced="yes")

@@ -639,13 +639,32 @@ class _VelocityFamily(_MujocoTaskFamily):
 
 
 class _DirectionFamily(_MujocoTaskFamily):
+    """Direction +1 or -1 with equal odds. Option ``balanced``: every sampled set of tasks (a
+    meta-batch, the validation tasks) holds as many of each direction as it can (an odd count:
+    one more of a direction drawn at random), in random order, instead of independent draws,
+    whose mix varies (a meta-batch of 20 is 14 to 6 or more one way about one time in nine).
+    Either way each direction has the same odds; ``balanced`` takes the mix's variance out of
+    the meta-gradient."""
+
     objective = "direction"
     task_params = ("direction",)
+    balanced = False
+
+    def _init_directions(self, balanced: bool) -> None:
+        if not isinstance(balanced, bool | np.bool_):
+            raise ValueError(f"balanced must be True or False, got {balanced!r}")
+        self.balanced = bool(balanced)
 
     def sample_tasks(self, n: int, rng: np.random.Generator) -> pd.DataFrame:
         if n < 1:
             raise ValueError(f"number of tasks must be >= 1, got {n}")
-        return self._table(n, {"direction": rng.choice(np.array([-1.0, 1.0]), size=n)})
+        sides = np.array([-1.0, 1.0])
+        if not self.balanced:
+            return self._table(n, {"direction": rng.choice(sides, size=n)})
+        direction = np.repeat(sides, n // 2)
+        if n % 2:
+            direction = np.append(direction, rng.choice(sides))
+        return self._table(n, {"direction": rng.permutation(direction)})
 
     def validate_tasks(self, tasks: pd.DataFrame) -> pd.DataFrame:
         tasks = super().validate_tasks(tasks)
@@ -725,14 +744,15 @@ class HalfCheetahVel(_HalfCheetahMixin, _VelocityFamily):
 class HalfCheetahDir(_HalfCheetahMixin, _DirectionFamily):
     """HalfCheetah running forward (+1) or backward (-1); options ``frame_skip`` (default 5:
     v5's 0.05 s per action; 1: the paper's 0.01 s), ``torso_com`` and ``com_velocity`` (as for
-    halfcheetah-vel)."""
+    halfcheetah-vel), ``balanced`` (``_DirectionFamily``)."""
 
     name = "halfcheetah-dir"
     gym_id = "HalfCheetahDir"
 
     def __init__(self, frame_skip: int = HALF_CHEETAH_FRAME_SKIP, torso_com: bool = False,
-                 com_velocity: bool = False):
+                 com_velocity: bool = False, balanced: bool = False):
         self._init_cheetah(frame_skip, torso_com, com_velocity)
+        self._init_directions(balanced)
 
 
 @register_task_family
@@ -752,10 +772,12 @@ class AntVel(_AntMixin, _VelocityFamily):
 
 @register_task_family
 class AntDir(_AntMixin, _DirectionFamily):
-    """Ant running forward (+1) or backward (-1); option ``include_contact_forces``."""
+    """Ant running forward (+1) or backward (-1); options ``include_contact_forces``,
+    ``balanced`` (``_DirectionFamily``)."""
 
     name = "ant-dir"
     gym_id = "AntDir"
 
-    def __init__(self, include_contact_forces: bool = False):
+    def __init__(self, include_contact_forces: bool = False, balanced: bool = False):
         self._init_ant(include_contact_forces)
+        self._init_directions(balanced)
