@@ -78,12 +78,11 @@ def _measure(args: argparse.Namespace, learner: MetaLearner) -> int:
         """The meta-update's release, as this bench decides: a trim or none."""
         if not trim["next"]:
             return None
-        before = allocator.resident_bytes()
         t = time.perf_counter()
-        allocator._libc.malloc_trim(0)
+        released = allocator.trim()
         trim_seconds.append(time.perf_counter() - t)
-        released_mb.append((before - allocator.resident_bytes()) / MIB)
-        return int(released_mb[-1] * MIB)
+        released_mb.append(released / MIB)
+        return released
 
     trainer.release_free_memory = release  # this process only: the bench's release policy
 

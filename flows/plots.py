@@ -60,8 +60,9 @@ def resources(history: pd.DataFrame, title: str):
     neither."""
     stages = [c for c in history.columns
               if c.startswith("seconds_") and c != "seconds_iteration"]
+    whole = "seconds_iteration" in history
     memory = "memory_resident_mb" in history
-    if not stages and "seconds_iteration" not in history and not memory:
+    if not stages and not whole and not memory:
         return None
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
                                       height_ratios=(3, 2))
@@ -70,13 +71,13 @@ def resources(history: pd.DataFrame, title: str):
         top.stackplot(x, [history[c].fillna(0.0) for c in stages],
                       labels=[c.removeprefix("seconds_").replace("_", " ") for c in stages],
                       alpha=0.8)
-    if "seconds_iteration" in history:
+    if whole:
         top.plot(x, history["seconds_iteration"], color="black", lw=0.8,
                  label="whole iteration")
     top.set_ylabel("seconds")
     top.set_title(title)
     top.grid(alpha=0.3)
-    if stages or "seconds_iteration" in history:
+    if stages or whole:
         top.legend(fontsize="small", ncol=2)
     if memory:
         gb = history["memory_resident_mb"] / 1024

@@ -102,6 +102,16 @@ def release_free_memory(margin: int = TRIM_THRESHOLD) -> int | None:
         return None
     if resident - _resident_after_release <= margin:
         return None
-    _libc.malloc_trim(0)
     _resident_after_release = None
-    return max(0, resident - (resident_bytes() or resident))
+    return trim()
+
+
+def trim() -> int | None:
+    """``malloc_trim(0)`` now, whatever the process has grown by; the bytes it handed back
+    (resident before minus after), or None where the malloc settings are not in effect."""
+    if _libc is None:
+        return None
+    before = resident_bytes()
+    _libc.malloc_trim(0)
+    after = resident_bytes()
+    return None if before is None or after is None else max(0, before - after)
