@@ -61,6 +61,8 @@ BAD = [
      r"task\.options: frame_skip must be an integer >= 1"),
     ({"task": {"family": "halfcheetah-vel"}}, ["task.options.torso_com=yes please"],
      r"task\.options: torso_com must be True or False"),
+    ({"task": {"family": "halfcheetah-vel"}}, ["task.options.reset_noise=mujoco"],
+     r"task\.options: reset_noise must be one of \('v5', 'rllab'\)"),
 ]
 
 

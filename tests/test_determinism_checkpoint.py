@@ -184,9 +184,12 @@ def test_checkpoint_trained_with_other_dynamics_options_is_refused(tmp_path):
     made.close()
     MetaLearner(config(frame_skip=5)).restore(path)  # the default, named: the same physics
     with pytest.raises(CheckpointError, match=r"dynamics \{'frame_skip': 5, 'torso_com': False, "
-                       r"'com_velocity': False\}, the config asks for \{'frame_skip': 1, "
-                       r"'torso_com': False, 'com_velocity': False\}"):
+                       r"'com_velocity': False, 'reset_noise': 'v5'\}, the config asks for "
+                       r"\{'frame_skip': 1, 'torso_com': False, 'com_velocity': False, "
+                       r"'reset_noise': 'v5'\}"):
         MetaLearner(config(frame_skip=1)).restore(path)
+    with pytest.raises(CheckpointError, match=r"'reset_noise': 'rllab'\}"):
+        MetaLearner(config(reset_noise="rllab")).restore(path)
 
 
 class _Payload:

@@ -528,7 +528,8 @@ def test_half_cheetah_observes_its_centre_of_mass_as_an_option(name):
     plain, with_com = (get_task_family(name, frame_skip=1, torso_com=flag)
                        for flag in (False, True))
     assert (plain.observation_dim, with_com.observation_dim) == (17, 20)
-    assert with_com.dynamics() == {"frame_skip": 1, "torso_com": True, "com_velocity": False}
+    assert with_com.dynamics() == {"frame_skip": 1, "torso_com": True, "com_velocity": False,
+                                   "reset_noise": "v5"}
     envs = [family.make_env(tasks, 1, dtype=torch.float64) for family in (plain, with_com)]
     assert envs[1].single_observation_space.shape == (20,)
     observations = [env.reset(seed=3)[0] for env in envs]
@@ -562,7 +563,8 @@ def test_half_cheetah_rewards_its_centre_of_mass_velocity_as_an_option(name):
     tasks = pd.DataFrame({"task_id": [0], column: [target]})
     plain, by_com = (get_task_family(name, frame_skip=1, com_velocity=flag)
                      for flag in (False, True))
-    assert by_com.dynamics() == {"frame_skip": 1, "torso_com": False, "com_velocity": True}
+    assert by_com.dynamics() == {"frame_skip": 1, "torso_com": False, "com_velocity": True,
+                                 "reset_noise": "v5"}
     assert by_com.observation_dim == 17
     envs = [family.make_env(tasks, 1, dtype=torch.float64) for family in (plain, by_com)]
     for env in envs:
@@ -590,6 +592,50 @@ def test_half_cheetah_rewards_its_centre_of_mass_velocity_as_an_option(name):
         env.close()
     with pytest.raises(ValueError, match="com_velocity must be True or False"):
         get_task_family(name, com_velocity=1)
+
+
+@pytest.mark.parametrize("name", ["halfcheetah-vel", "halfcheetah-dir"])
+def test_half_cheetah_starts_as_rllab_did_as_an_option(name):
+    """``reset_noise: rllab`` starts each episode at the model's pose plus 0.01 N(0, 1) on the
+    positions and 0.1 N(0, 1) on the velocities, drawn (positions first) from the generator
+    that ``reset(seed=...)`` seeds, as recomputed here; the default keeps v5's start, whose
+    position noise is U(-0.1, 0.1). Seeded resets repeat, and the option reaches the env
+    through the family, its observation and its dynamics."""
+    from gymnasium.utils import seeding
+
+    column = get_task_family(name).task_params[0]
+    tasks = pd.DataFrame({"task_id": [0, 1], column: [1.0, 1.0]})
+    rllab, v5 = (get_task_family(name, frame_skip=1, torso_com=True, reset_noise=noise)
+                 for noise in ("rllab", "v5"))
+    assert rllab.dynamics()["reset_noise"] == "rllab"
+    assert v5.dynamics()["reset_noise"] == "v5"
+    seeds = [11, 12]
+    starts = {}
+    for family in (rllab, v5):
+        env = family.make_env(tasks, 1, dtype=torch.float64)
+        obs, _ = env.reset(seed=seeds)
+        again, _ = env.reset(seed=seeds)
+        assert torch.equal(obs, again)
+        cheetah = env.envs[1].unwrapped
+        starts[family.reset_noise] = (obs, cheetah.data.qpos.copy(), cheetah.data.qvel.copy(),
+                                      cheetah.init_qpos.copy(), cheetah.init_qvel.copy())
+        env.close()
+    obs, qpos, qvel, init_qpos, init_qvel = starts["rllab"]
+    rng, _ = seeding.np_random(seeds[1])
+    expected_qpos = init_qpos + 0.01 * rng.standard_normal(len(init_qpos))
+    expected_qvel = init_qvel + 0.1 * rng.standard_normal(len(init_qvel))
+    np.testing.assert_array_equal(qpos, expected_qpos)
+    np.testing.assert_array_equal(qvel, expected_qvel)
+    np.testing.assert_array_equal(obs[1, :8].numpy(), expected_qpos[1:])  # x is not observed
+    assert obs.shape == (2, 20)
+    _, qpos_v5, qvel_v5, *_ = starts["v5"]
+    rng, _ = seeding.np_random(seeds[1])
+    np.testing.assert_array_equal(qpos_v5, init_qpos + rng.uniform(-0.1, 0.1, len(init_qpos)))
+    np.testing.assert_array_equal(qvel_v5, init_qvel + 0.1 * rng.standard_normal(len(qvel_v5)))
+    with pytest.raises(ValueError, match=r"reset_noise must be one of \('v5', 'rllab'\)"):
+        get_task_family(name, reset_noise="gaussian")
+    with pytest.raises(ValueError, match="reset_noise must be one of"):
+        HalfCheetahTaskEnv(reset_noise="none")
 
 
 @pytest.mark.parametrize("name", ["halfcheetah-dir", "ant-dir"])

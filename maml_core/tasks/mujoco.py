@@ -51,6 +51,10 @@ Differences from the paper's rllab environments, read from rllab's model files:
 * The half-cheetah's model is v5's, element for element (bodies, joints, stiffness, damping,
   gears, contact parameters, the 0.01 s timestep); only the simulator differs (MuJoCo 1.31
   then, a current MuJoCo now, whose contact solver has changed since).
+* rllab started each episode from the model's pose plus 0.01 N(0, 1) on the positions and
+  0.1 N(0, 1) on the velocities; v5 adds U(-0.1, 0.1) to the positions (a spread 5.8 times
+  wider: up to 5.7 degrees on each joint and on the torso's pitch) and the same velocity
+  noise. The half-cheetah option ``reset_noise: rllab`` starts as rllab did.
 * rllab's ant steps 0.02 s with RK4 in one substep (here two of v5's 0.01 s), drives its
   motors with torques in [-150, 150] (rllab's action normalization scaled [-1, 1] to that and
   paid the control cost on the normalized action, as v5's gear 150 on [-1, 1] does), makes its
@@ -91,6 +95,8 @@ from maml_core.tasks.base import TaskFamily, TaskVectorEnv, register_task_family
 
 Objective = Literal["velocity", "direction"]
 _OBJECTIVES: tuple[str, ...] = ("velocity", "direction")
+ResetNoise = Literal["v5", "rllab"]
+_RESET_NOISES: tuple[str, ...] = ("v5", "rllab")
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,17 +422,32 @@ class HalfCheetahTaskEnv(_TaskReward, _SharedModel, HalfCheetahEnv):
     stays the torso's)."""
 
     def __init__(self, objective: Objective = "velocity", ctrl_cost_weight: float = 0.05,
-                 torso_com: bool = False, com_velocity: bool = False, **kwargs: Any):
+                 torso_com: bool = False, com_velocity: bool = False,
+                 reset_noise: ResetNoise = "v5", **kwargs: Any):
         self._init_task(objective)
         self._torso_com = bool(torso_com)
         self._com_velocity = bool(com_velocity)
+        if reset_noise not in _RESET_NOISES:
+            raise ValueError(f"reset_noise must be one of {_RESET_NOISES}, got {reset_noise!r}")
+        self._reset_noise = reset_noise
         HalfCheetahEnv.__init__(self, ctrl_cost_weight=ctrl_cost_weight, **kwargs)
         utils.EzPickle.__init__(self, objective, ctrl_cost_weight, torso_com, com_velocity,
-                                **kwargs)
+                                reset_noise, **kwargs)
         self._torso_id = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, "torso")
         if self._torso_com:
             size = self.observation_space.shape[0] + 3
             self.observation_space = spaces.Box(-np.inf, np.inf, (size,), np.float64)
+
+    def reset_model(self) -> np.ndarray:
+        """v5's start (positions + U(-0.1, 0.1), velocities + 0.1 N(0, 1)), or with
+        ``reset_noise="rllab"`` the paper's rllab start: positions + 0.01 N(0, 1), velocities
+        + 0.1 N(0, 1), both drawn from the env's seeded generator, positions first."""
+        if self._reset_noise == "v5":
+            return super().reset_model()
+        qpos = self.init_qpos + 0.01 * self.np_random.standard_normal(self.model.nq)
+        qvel = self.init_qvel + 0.1 * self.np_random.standard_normal(self.model.nv)
+        self.set_state(qpos, qvel)
+        return self._get_obs()
 
     def _get_obs(self) -> np.ndarray:
         observation = super()._get_obs()
@@ -681,7 +702,8 @@ class _HalfCheetahMixin:
     action_dim = 6
     objective: ClassVar[Objective]
 
-    def _init_cheetah(self, frame_skip: int, torso_com: bool, com_velocity: bool) -> None:
+    def _init_cheetah(self, frame_skip: int, torso_com: bool, com_velocity: bool,
+                      reset_noise: str) -> None:
         if isinstance(frame_skip, bool) or not isinstance(frame_skip, int | np.integer) \
                 or frame_skip < 1:
             raise ValueError(f"frame_skip must be an integer >= 1 (substeps of 0.01 s per "
@@ -689,6 +711,10 @@ class _HalfCheetahMixin:
         for option, value in (("torso_com", torso_com), ("com_velocity", com_velocity)):
             if not isinstance(value, bool | np.bool_):
                 raise ValueError(f"{option} must be True or False, got {value!r}")
+        if reset_noise not in _RESET_NOISES:
+            raise ValueError(f"reset_noise must be one of {_RESET_NOISES} (v5's start or the "
+                             f"paper's rllab start), got {reset_noise!r}")
+        self.reset_noise = str(reset_noise)
         self.frame_skip = int(frame_skip)
         self.torso_com = bool(torso_com)
         self.com_velocity = bool(com_velocity)
@@ -696,11 +722,12 @@ class _HalfCheetahMixin:
 
     def _env_fn(self) -> Callable[[], gymnasium.Env]:
         return partial(HalfCheetahTaskEnv, self.objective, frame_skip=self.frame_skip,
-                       torso_com=self.torso_com, com_velocity=self.com_velocity)
+                       torso_com=self.torso_com, com_velocity=self.com_velocity,
+                       reset_noise=self.reset_noise)
 
     def dynamics(self) -> dict[str, Any]:
         return {"frame_skip": self.frame_skip, "torso_com": self.torso_com,
-                "com_velocity": self.com_velocity}
+                "com_velocity": self.com_velocity, "reset_noise": self.reset_noise}
 
 
 class _AntMixin:
@@ -725,9 +752,10 @@ class _AntMixin:
 class HalfCheetahVel(_HalfCheetahMixin, _VelocityFamily):
     """HalfCheetah running at a target velocity; options ``low``/``high`` (default 0, 2),
     ``frame_skip`` (default 5: v5's 0.05 s per action; 1: the paper's 0.01 s), ``torso_com``
-    (default False; True appends the cheetah's centre of mass, as the paper's observation did)
-    and ``com_velocity`` (default False: the torso's velocity; True: the centre of mass's, as
-    the paper's reward measured it)."""
+    (default False; True appends the cheetah's centre of mass, as the paper's observation did),
+    ``com_velocity`` (default False: the torso's velocity; True: the centre of mass's, as
+    the paper's reward measured it) and ``reset_noise`` (default "v5"; "rllab": the paper's
+    smaller start noise on the positions, ``HalfCheetahTaskEnv.reset_model``)."""
 
     name = "halfcheetah-vel"
     gym_id = "HalfCheetahVel"
@@ -735,23 +763,23 @@ class HalfCheetahVel(_HalfCheetahMixin, _VelocityFamily):
 
     def __init__(self, low: float | None = None, high: float | None = None,
                  frame_skip: int = HALF_CHEETAH_FRAME_SKIP, torso_com: bool = False,
-                 com_velocity: bool = False):
+                 com_velocity: bool = False, reset_noise: str = "v5"):
         self._init_range(low, high)
-        self._init_cheetah(frame_skip, torso_com, com_velocity)
+        self._init_cheetah(frame_skip, torso_com, com_velocity, reset_noise)
 
 
 @register_task_family
 class HalfCheetahDir(_HalfCheetahMixin, _DirectionFamily):
     """HalfCheetah running forward (+1) or backward (-1); options ``frame_skip`` (default 5:
-    v5's 0.05 s per action; 1: the paper's 0.01 s), ``torso_com`` and ``com_velocity`` (as for
-    halfcheetah-vel), ``balanced`` (``_DirectionFamily``)."""
+    v5's 0.05 s per action; 1: the paper's 0.01 s), ``torso_com``, ``com_velocity`` and
+    ``reset_noise`` (as for halfcheetah-vel), ``balanced`` (``_DirectionFamily``)."""
 
     name = "halfcheetah-dir"
     gym_id = "HalfCheetahDir"
 
     def __init__(self, frame_skip: int = HALF_CHEETAH_FRAME_SKIP, torso_com: bool = False,
-                 com_velocity: bool = False, balanced: bool = False):
-        self._init_cheetah(frame_skip, torso_com, com_velocity)
+                 com_velocity: bool = False, balanced: bool = False, reset_noise: str = "v5"):
+        self._init_cheetah(frame_skip, torso_com, com_velocity, reset_noise)
         self._init_directions(balanced)
 
 
