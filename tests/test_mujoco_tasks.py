@@ -253,6 +253,8 @@ def test_threaded_stepping_equals_one_thread(name):
     ("halfcheetah-dir", {}),
     ("ant-vel", {}),
     ("ant-dir", {"include_contact_forces": True}),
+    ("ant-vel", {"rllab_model": True, "com_velocity": True}),
+    ("ant-dir", {"com_velocity": True}),
 ])
 def test_batch_step_equals_gymnasium_step(name, options):
     """The vector env steps the MuJoCo task envs as a batch (``step_batch``); its observations,
@@ -636,6 +638,93 @@ def test_half_cheetah_starts_as_rllab_did_as_an_option(name):
         get_task_family(name, reset_noise="gaussian")
     with pytest.raises(ValueError, match="reset_noise must be one of"):
         HalfCheetahTaskEnv(reset_noise="none")
+
+
+def test_ant_takes_the_papers_rllab_model_as_an_option():
+    """``rllab_model: true`` compiles v5's ant as rllab's file had it -- one RK4 step of 0.02 s
+    per action and ``solimp .8 .8 .01`` on every geom, the floor's too -- beside v5's own
+    model in the same process, and starts from the file's ``init_qpos`` (ankles bent inside
+    their joint ranges, torso at 0.55) plus 0.01 N(0, 1) and 0.1 N(0, 1) from the seeded
+    generator, where v5 starts from straight ankles outside those ranges."""
+    from gymnasium.utils import seeding
+
+    tasks = pd.DataFrame({"task_id": [0], "direction": [1.0]})
+    rllab, v5 = (get_task_family("ant-dir", rllab_model=flag) for flag in (True, False))
+    assert rllab.dynamics() == {"rllab_model": True, "com_velocity": False}
+    assert v5.dynamics() == {"rllab_model": False, "com_velocity": False}
+    envs = [family.make_env(tasks, 2, 50, dtype=torch.float64) for family in (rllab, v5)]
+    (ant, twin), (plain, _) = ([e.unwrapped for e in env.envs] for env in envs)
+    assert ant.model is twin.model and ant.model is not plain.model
+    assert (ant.model.opt.timestep, ant.frame_skip, ant.dt) == (0.02, 1, pytest.approx(0.02))
+    assert (plain.model.opt.timestep, plain.frame_skip) == (0.01, 2)
+    assert ant.model.opt.integrator == mujoco.mjtIntegrator.mjINT_RK4
+    assert ant.model.ngeom == plain.model.ngeom == 14
+    np.testing.assert_array_equal(ant.model.geom_solimp,
+                                  np.tile([0.8, 0.8, 0.01, 0.5, 2.0], (14, 1)))
+    np.testing.assert_array_equal(plain.model.geom_solimp,
+                                  np.tile([0.9, 0.95, 0.001, 0.5, 2.0], (14, 1)))
+    for name in ("body_mass", "jnt_range", "actuator_gear", "geom_friction", "geom_size"):
+        np.testing.assert_array_equal(getattr(ant.model, name), getattr(plain.model, name))
+
+    seeds = [4, 5]
+    obs, _ = envs[0].reset(seed=seeds)
+    rng, _ = seeding.np_random(seeds[1])
+    start = np.array([0, 0, 0.55, 1, 0, 0, 0, 0, 1, 0, -1, 0, -1, 0, 1], dtype=float)
+    expected_qpos = start + 0.01 * rng.standard_normal(15)
+    expected_qvel = 0.1 * rng.standard_normal(14)
+    np.testing.assert_array_equal(twin.data.qpos, expected_qpos)
+    np.testing.assert_array_equal(twin.data.qvel, expected_qvel)
+    np.testing.assert_array_equal(obs[1].numpy(), np.concatenate((expected_qpos[2:],
+                                                                  expected_qvel)))
+    ankles = [ant.model.joint(f"ankle_{k}").id for k in range(1, 5)]
+    angle = ant.init_qpos[ant.model.jnt_qposadr[ankles]]
+    low, high = ant.model.jnt_range[ankles].T  # radians once compiled
+    assert ((low < angle) & (angle < high)).all()
+    assert not ((low < 0) & (0 < high)).any()  # v5's straight ankles start outside the range
+    np.testing.assert_array_equal(plain.init_qpos[7:], 0.0)
+    for env in envs:
+        env.close()
+    with pytest.raises(ValueError, match="rllab_model must be True or False"):
+        get_task_family("ant-vel", rllab_model="yes")
+
+
+@pytest.mark.parametrize("options", [{}, {"rllab_model": True}])
+def test_ant_rewards_its_centre_of_mass_velocity_as_an_option(options):
+    """``com_velocity: true`` pays the ant for the x velocity of its centre of mass (rllab's
+    ``get_body_comvel("torso")``), recomputed here body by body from a fresh ``MjData``, with
+    the rest of the reward by hand (control, clipped contact forces, survive bonus); the
+    option changes the reward only: the states stay those of the torso-paid twin."""
+    tasks = pd.DataFrame({"task_id": [0], "direction": [-1.0]})
+    plain, by_com = (get_task_family("ant-dir", com_velocity=flag, **options)
+                     for flag in (False, True))
+    envs = [family.make_env(tasks, 1, dtype=torch.float64) for family in (plain, by_com)]
+    for env in envs:
+        env.reset(seed=9)
+    ant = envs[1].envs[0].unwrapped
+    rng = np.random.default_rng(4)
+    gaps = []
+    for _ in range(40):
+        action = torch.from_numpy(rng.uniform(-1.0, 1.0, size=(1, 8)))
+        (obs_plain, reward_torso, *_), (obs, reward, *_) = (env.step(action) for env in envs)
+        assert torch.equal(obs, obs_plain)
+        fresh = mujoco.MjData(ant.model)
+        fresh.qpos[:], fresh.qvel[:] = ant.data.qpos, ant.data.qvel
+        mujoco.mj_forward(ant.model, fresh)
+        momentum, velocity = np.zeros(3), np.zeros(6)
+        for body in range(1, ant.model.nbody):
+            mujoco.mj_objectVelocity(ant.model, fresh, mujoco.mjtObj.mjOBJ_BODY, body,
+                                     velocity, 0)
+            momentum += ant.model.body_mass[body] * velocity[3:]
+        v = momentum[0] / ant.model.body_mass[1:].sum()
+        contact = np.square(np.clip(ant.data.cfrc_ext, -1.0, 1.0)).sum()
+        expected = -v - 0.5e-2 * float((action ** 2).sum()) - 0.5e-3 * contact + 0.05
+        assert float(reward[0]) == pytest.approx(expected, abs=1e-9)
+        gaps.append(abs(float(reward[0] - reward_torso[0])))
+    assert max(gaps) > 0.05  # the torso's velocity is another measure: the option matters
+    for env in envs:
+        env.close()
+    with pytest.raises(ValueError, match="com_velocity must be True or False"):
+        get_task_family("ant-dir", com_velocity=0)
 
 
 @pytest.mark.parametrize("name", ["halfcheetah-dir", "ant-dir"])

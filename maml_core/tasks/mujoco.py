@@ -61,9 +61,11 @@ Differences from the paper's rllab environments, read from rllab's model files:
   contacts softer (``solimp .8 .8 .01`` on every geom, where v5 keeps MuJoCo's default
   ``.9 .95 .001``), and starts with the torso at 0.55 (its ``init_qpos``; v5's file carries
   the same numbers, but v5 starts from the body's 0.75). It also observed its position,
-  orientation matrix and centre of mass, here left out.
-* The velocity in the reward is the torso's rather than the centre of mass's (the ant's
-  always; the half-cheetah's unless ``com_velocity``).
+  orientation matrix and centre of mass, here left out. The ant option ``rllab_model: true``
+  takes rllab's physics and start (``AntTaskEnv``); ``com_velocity: true`` its reward's
+  velocity.
+* The velocity in the reward is the torso's rather than the centre of mass's, unless
+  ``com_velocity`` (both robots).
 
 ``GymTaskVectorEnv`` is generic: it batches any per-task gymnasium env that has a
 ``set_task(task)`` method (or a custom ``apply_task`` callback) behind the ``TaskVectorEnv`` API.
@@ -369,16 +371,45 @@ class _SharedModel:
     fullpath: str
     width: int
     height: int
+    # What the env changes in its model file when it compiles it (``_compile``), as a key.
+    model_variant: str = ""
 
     def _initialize_simulation(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
-        key = (type(self), os.path.realpath(self.fullpath), self.width, self.height)
+        key = (type(self), os.path.realpath(self.fullpath), self.width, self.height,
+               self.model_variant)
         with _MODELS_LOCK:
             model = _MODELS.get(key)
             if model is None:
-                model, data = super()._initialize_simulation()  # type: ignore[misc]
+                model, data = self._compile()
                 _MODELS[key] = model
                 return model, data
         return model, mujoco.MjData(model)
+
+    def _compile(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
+        """Compile the model file as gymnasium does; a variant overrides this."""
+        return super()._initialize_simulation()  # type: ignore[misc]
+
+
+class _CentreOfMass:
+    """rllab's centre-of-mass quantities of the torso's subtree (the whole robot)."""
+
+    model: mujoco.MjModel
+    data: mujoco.MjData
+    _torso_id: int
+
+    def _recompute_positions(self) -> None:
+        """mj_step computes positions before it integrates; recompute them (and the centres of
+        mass) for the state the step ended in, as rllab's model.forward() after stepping did."""
+        mujoco.mj_kinematics(self.model, self.data)
+        mujoco.mj_comPos(self.model, self.data)
+
+    def centre_of_mass_velocity(self) -> float:
+        """rllab's ``get_body_comvel("torso")[0]``: the x velocity of the centre of mass of the
+        torso's subtree (the whole robot), for the state the step ended in."""
+        self._recompute_positions()
+        mujoco.mj_comVel(self.model, self.data)
+        mujoco.mj_subtreeVel(self.model, self.data)
+        return float(self.data.subtree_linvel[self._torso_id][0])
 
 
 class _TaskReward:
@@ -416,7 +447,7 @@ class _TaskReward:
         return target * x_velocity
 
 
-class HalfCheetahTaskEnv(_TaskReward, _SharedModel, HalfCheetahEnv):
+class HalfCheetahTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, HalfCheetahEnv):
     """HalfCheetah-v5 with reward ``forward_reward(v) - ctrl_cost_weight * |a|^2``; ``v`` is the
     torso's x velocity, or with ``com_velocity`` the centre of mass's (``info["x_velocity"]``
     stays the torso's)."""
@@ -457,20 +488,6 @@ class HalfCheetahTaskEnv(_TaskReward, _SharedModel, HalfCheetahEnv):
         # cheetah), x included, for the state the step ended in.
         self._recompute_positions()
         return np.concatenate((observation, self.data.subtree_com[self._torso_id]))
-
-    def _recompute_positions(self) -> None:
-        """mj_step computes positions before it integrates; recompute them (and the centres of
-        mass) for the state the step ended in, as rllab's model.forward() after stepping did."""
-        mujoco.mj_kinematics(self.model, self.data)
-        mujoco.mj_comPos(self.model, self.data)
-
-    def centre_of_mass_velocity(self) -> float:
-        """rllab's ``get_body_comvel("torso")[0]``: the x velocity of the centre of mass of the
-        torso's subtree (the whole cheetah), for the state the step ended in."""
-        self._recompute_positions()
-        mujoco.mj_comVel(self.model, self.data)
-        mujoco.mj_subtreeVel(self.model, self.data)
-        return float(self.data.subtree_linvel[self._torso_id][0])
 
     @staticmethod
     def step_batch(envs: Sequence[HalfCheetahTaskEnv], indices: np.ndarray,
@@ -517,7 +534,7 @@ class HalfCheetahTaskEnv(_TaskReward, _SharedModel, HalfCheetahEnv):
         ctrl_cost = float(self.control_cost(action))
         return forward - ctrl_cost, {"reward_forward": forward, "reward_ctrl": -ctrl_cost}
 
-    def _initialize_simulation(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
+    def _compile(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
         # gymnasium's half_cheetah.xml uses ``settotalmass``, which MuJoCo >= 3.3 reports as
         # deprecated on every model build (dozens of lines per env pool). Silence exactly that
         # message while compiling; any other warning is passed on as a Python warning.
@@ -529,28 +546,47 @@ class HalfCheetahTaskEnv(_TaskReward, _SharedModel, HalfCheetahEnv):
 
         mujoco.set_mju_user_warning(on_warning)
         try:
-            return super()._initialize_simulation()
+            return super()._compile()
         finally:
             mujoco.set_mju_user_warning(previous)
 
 
 # Substeps of v5's 0.01 s timestep per action: 0.02 s, the step of the paper's rllab ant.
 ANT_FRAME_SKIP = 2
+# The paper's rllab ant model (``AntTaskEnv``'s ``rllab_model``): one 0.02 s RK4 step, softer
+# contacts (its solimp .8 .8 .01; midpoint and power at MuJoCo's defaults).
+RLLAB_ANT_TIMESTEP = 0.02
+RLLAB_ANT_SOLIMP = [0.8, 0.8, 0.01, 0.5, 2.0]
 # HalfCheetah: v5's 5 substeps (0.05 s) by default; the paper's rllab cheetah took one (0.01 s).
 HALF_CHEETAH_FRAME_SKIP = 5
 
 
-class AntTaskEnv(_TaskReward, _SharedModel, AntEnv):
+class AntTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, AntEnv):
     """Ant-v5 with the rllab MAML reward ``forward - ctrl - contact + survive_reward`` (forward:
-    ``velocity_offset - |v - target|`` or ``direction * v``) and rllab's 0.02 s per action."""
+    ``velocity_offset - |v - target|`` or ``direction * v``) and rllab's 0.02 s per action.
+
+    ``rllab_model``: the paper's rllab ant as its model file and reset made it, on v5's bodies:
+    one RK4 step of 0.02 s per action (v5's file: 0.01 s, here taken twice), softer contacts
+    (``solimp .8 .8 .01`` on every geom, MuJoCo 1.31's three numbers with today's defaults for
+    the other two; v5 keeps MuJoCo's ``.9 .95 .001``), a start from the file's ``init_qpos``
+    (torso at 0.55, each ankle bent 1 rad, inside its joint range; v5 starts from the bodies'
+    0.75 with straight ankles, outside it) plus 0.01 N(0, 1) on the positions and 0.1 N(0, 1)
+    on the velocities (v5: U(-0.1, 0.1) and 0.1 N(0, 1)). ``com_velocity``: ``v`` is the
+    velocity of the ant's centre of mass, as rllab's reward read it, not the torso's."""
 
     def __init__(self, objective: Objective = "velocity", ctrl_cost_weight: float = 0.5e-2,
                  contact_cost_weight: float = 0.5e-3, survive_reward: float = 0.05,
                  include_cfrc_ext_in_observation: bool = False, velocity_offset: float = 1.0,
-                 frame_skip: int = ANT_FRAME_SKIP, **kwargs: Any):
+                 frame_skip: int = ANT_FRAME_SKIP, rllab_model: bool = False,
+                 com_velocity: bool = False, **kwargs: Any):
         self._init_task(objective)
         self._survive_reward = float(survive_reward)
         self.velocity_offset = float(velocity_offset)
+        self._rllab_model = bool(rllab_model)
+        self._com_velocity = bool(com_velocity)
+        if self._rllab_model:
+            self.model_variant = "rllab"
+            frame_skip = 1  # the variant's own 0.02 s step
         kwargs["frame_skip"] = int(frame_skip)
         kwargs.setdefault("healthy_z_range", (0.2, 1.0))
         kwargs.setdefault("contact_force_range", (-1.0, 1.0))
@@ -560,8 +596,32 @@ class AntTaskEnv(_TaskReward, _SharedModel, AntEnv):
                         **kwargs)
         utils.EzPickle.__init__(self, objective, ctrl_cost_weight, contact_cost_weight,
                                 survive_reward, include_cfrc_ext_in_observation,
-                                velocity_offset, **kwargs)
-        self._main_body_id = self.data.body(self._main_body).id
+                                velocity_offset, rllab_model=rllab_model,
+                                com_velocity=com_velocity, **kwargs)
+        self._main_body_id = self._torso_id = self.data.body(self._main_body).id
+        if self._rllab_model:
+            self.init_qpos = self.model.numeric("init_qpos").data.copy()
+
+    def _compile(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
+        if not self._rllab_model:
+            return super()._compile()
+        spec = mujoco.MjSpec.from_file(self.fullpath)
+        spec.option.timestep = RLLAB_ANT_TIMESTEP
+        spec.option.integrator = mujoco.mjtIntegrator.mjINT_RK4
+        for geom in spec.geoms:
+            geom.solimp = RLLAB_ANT_SOLIMP
+        model = spec.compile()
+        model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
+        model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+        return model, mujoco.MjData(model)
+
+    def reset_model(self) -> np.ndarray:
+        if not self._rllab_model:
+            return super().reset_model()
+        qpos = self.init_qpos + 0.01 * self.np_random.standard_normal(self.model.nq)
+        qvel = self.init_qvel + 0.1 * self.np_random.standard_normal(self.model.nv)
+        self.set_state(qpos, qvel)
+        return self._get_obs()
 
     @staticmethod
     def step_batch(envs: Sequence[AntTaskEnv], indices: np.ndarray, actions: np.ndarray,
@@ -577,6 +637,7 @@ class AntTaskEnv(_TaskReward, _SharedModel, AntEnv):
         x_before, x_after = np.empty(len(batch)), np.empty(len(batch))
         healthy = np.empty(len(batch), dtype=bool)
         forces = np.empty((len(batch), *first.data.cfrc_ext.shape))
+        com_velocity = np.full(len(batch), np.nan)
         for k, (i, env) in enumerate(zip(indices, batch, strict=True)):
             data = env.data
             # v5's torso position is that of the last substep's kinematics (before it integrates)
@@ -590,6 +651,8 @@ class AntTaskEnv(_TaskReward, _SharedModel, AntEnv):
             row[:positions] = qpos[2:]
             row[positions:positions + len(qvel)] = qvel
             forces[k] = data.cfrc_ext
+            if env._com_velocity:
+                com_velocity[k] = env.centre_of_mass_velocity()
             low, high = env._healthy_z_range
             healthy[k] = (np.isfinite(qpos).all() and np.isfinite(qvel).all()
                           and low <= qpos[2] <= high)
@@ -599,7 +662,10 @@ class AntTaskEnv(_TaskReward, _SharedModel, AntEnv):
             obs[indices, first.observation_space.shape[0] - clipped[0, 1:].size:] = \
                 clipped[:, 1:].reshape(len(batch), -1)
         dt = np.array([env.dt for env in batch])
-        forward = AntTaskEnv.forward_rewards(batch, (x_after - x_before) / dt)
+        velocity = (x_after - x_before) / dt
+        by_com = np.array([env._com_velocity for env in batch], dtype=bool)
+        velocity[by_com] = com_velocity[by_com]
+        forward = AntTaskEnv.forward_rewards(batch, velocity)
         ctrl_weight = np.array([env._ctrl_cost_weight for env in batch])
         contact_weight = np.array([env._contact_cost_weight for env in batch])
         survive = np.array([env._survive_reward for env in batch])
@@ -609,6 +675,8 @@ class AntTaskEnv(_TaskReward, _SharedModel, AntEnv):
         terminated[indices] = ~healthy & terminate
 
     def _get_rew(self, x_velocity: float, action: np.ndarray) -> tuple[float, dict[str, float]]:
+        if self._com_velocity:
+            x_velocity = self.centre_of_mass_velocity()
         forward = self.forward_reward(x_velocity)
         ctrl_cost = float(self.control_cost(action))
         contact_cost = float(self.contact_cost)
@@ -736,16 +804,24 @@ class _AntMixin:
     env_version = 2  # 2: rllab's 0.02 s step and ant-vel's +1 (1: v5's 0.05 s, no +1)
     objective: ClassVar[Objective]
 
-    def _init_ant(self, include_contact_forces: bool) -> None:
-        if not isinstance(include_contact_forces, bool | np.bool_):
-            raise ValueError(f"include_contact_forces must be True or False, got "
-                             f"{include_contact_forces!r}")
+    def _init_ant(self, include_contact_forces: bool, rllab_model: bool,
+                  com_velocity: bool) -> None:
+        for option, value in (("include_contact_forces", include_contact_forces),
+                              ("rllab_model", rllab_model), ("com_velocity", com_velocity)):
+            if not isinstance(value, bool | np.bool_):
+                raise ValueError(f"{option} must be True or False, got {value!r}")
         self.include_contact_forces = bool(include_contact_forces)
+        self.rllab_model = bool(rllab_model)
+        self.com_velocity = bool(com_velocity)
         self.observation_dim = 27 + 78 * self.include_contact_forces
 
     def _env_fn(self) -> Callable[[], gymnasium.Env]:
         return partial(AntTaskEnv, self.objective,
-                       include_cfrc_ext_in_observation=self.include_contact_forces)
+                       include_cfrc_ext_in_observation=self.include_contact_forces,
+                       rllab_model=self.rllab_model, com_velocity=self.com_velocity)
+
+    def dynamics(self) -> dict[str, Any]:
+        return {"rllab_model": self.rllab_model, "com_velocity": self.com_velocity}
 
 
 @register_task_family
@@ -785,27 +861,32 @@ class HalfCheetahDir(_HalfCheetahMixin, _DirectionFamily):
 
 @register_task_family
 class AntVel(_AntMixin, _VelocityFamily):
-    """Ant running at a target velocity; options ``low``/``high`` (default 0, 3) and
-    ``include_contact_forces`` (default False: 27-dim observation; True: 105)."""
+    """Ant running at a target velocity; options ``low``/``high`` (default 0, 3),
+    ``include_contact_forces`` (default False: 27-dim observation; True: 105), ``rllab_model``
+    (default False: v5's model and start; True: the paper's rllab physics and start,
+    ``AntTaskEnv``) and ``com_velocity`` (default False: the torso's velocity; True: the centre
+    of mass's, as the paper's reward read it)."""
 
     name = "ant-vel"
     gym_id = "AntVel"
     default_high = 3.0
 
     def __init__(self, low: float | None = None, high: float | None = None,
-                 include_contact_forces: bool = False):
+                 include_contact_forces: bool = False, rllab_model: bool = False,
+                 com_velocity: bool = False):
         self._init_range(low, high)
-        self._init_ant(include_contact_forces)
+        self._init_ant(include_contact_forces, rllab_model, com_velocity)
 
 
 @register_task_family
 class AntDir(_AntMixin, _DirectionFamily):
     """Ant running forward (+1) or backward (-1); options ``include_contact_forces``,
-    ``balanced`` (``_DirectionFamily``)."""
+    ``rllab_model`` and ``com_velocity`` (as for ant-vel), ``balanced`` (``_DirectionFamily``)."""
 
     name = "ant-dir"
     gym_id = "AntDir"
 
-    def __init__(self, include_contact_forces: bool = False, balanced: bool = False):
-        self._init_ant(include_contact_forces)
+    def __init__(self, include_contact_forces: bool = False, balanced: bool = False,
+                 rllab_model: bool = False, com_velocity: bool = False):
+        self._init_ant(include_contact_forces, rllab_model, com_velocity)
         self._init_directions(balanced)
