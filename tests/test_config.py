@@ -63,6 +63,10 @@ BAD = [
      r"task\.options: torso_com must be True or False"),
     ({"task": {"family": "halfcheetah-vel"}}, ["task.options.reset_noise=mujoco"],
      r"task\.options: reset_noise must be one of \('v5', 'rllab'\)"),
+    ({"task": {"family": "ant-dir"}}, ["task.options.rllab_model=rllab"],
+     r"task\.options: rllab_model must be True or False"),
+    ({"task": {"family": "ant-vel"}}, ["task.options.com_velocity=1"],
+     r"task\.options: com_velocity must be True or False"),
 ]
 
 

@@ -172,10 +172,10 @@ def test_checkpoint_of_another_environment_version_is_refused(saved, tmp_path):
 
 def test_checkpoint_trained_with_other_dynamics_options_is_refused(tmp_path):
     """The half-cheetah's frame_skip changes its physics: a checkpoint made at v5's 0.05 s per
-    action (the default, also when its config named no option) does not resume at 0.01 s."""
-    def config(**options):
-        return build_config({"seed": 7, "task": {"family": "halfcheetah-dir",
-                                                 "options": options},
+    action (the default, also when its config named no option) does not resume at 0.01 s, nor
+    with rllab's start; an ant's does not resume on rllab's ant model."""
+    def config(family="halfcheetah-dir", **options):
+        return build_config({"seed": 7, "task": {"family": family, "options": options},
                              "policy": {"hidden_sizes": [4]},
                              "meta_optimizer": {"name": "adam"}})
 
@@ -190,6 +190,13 @@ def test_checkpoint_trained_with_other_dynamics_options_is_refused(tmp_path):
         MetaLearner(config(frame_skip=1)).restore(path)
     with pytest.raises(CheckpointError, match=r"'reset_noise': 'rllab'\}"):
         MetaLearner(config(reset_noise="rllab")).restore(path)
+    made = MetaLearner(config(family="ant-dir"))
+    path = made.save(tmp_path / "ant")
+    made.close()
+    with pytest.raises(CheckpointError, match=r"dynamics \{'rllab_model': False, 'com_velocity': "
+                       r"False\}, the config asks for \{'rllab_model': True, 'com_velocity': "
+                       r"False\}"):
+        MetaLearner(config(family="ant-dir", rllab_model=True)).restore(path)
 
 
 class _Payload:

@@ -248,7 +248,7 @@ def test_threaded_stepping_equals_one_thread(name):
 
 @pytest.mark.parametrize("name,options", [
     ("halfcheetah-vel", {"frame_skip": 1, "torso_com": True}),
-    ("halfcheetah-vel", {"com_velocity": True}),
+    ("halfcheetah-vel", {"com_velocity": True, "reset_noise": "rllab"}),
     ("halfcheetah-dir", {"frame_skip": 1, "torso_com": True, "com_velocity": True}),
     ("halfcheetah-dir", {}),
     ("ant-vel", {}),
@@ -638,6 +638,8 @@ def test_half_cheetah_starts_as_rllab_did_as_an_option(name):
         get_task_family(name, reset_noise="gaussian")
     with pytest.raises(ValueError, match="reset_noise must be one of"):
         HalfCheetahTaskEnv(reset_noise="none")
+    with pytest.raises(ValueError, match="drop reset_noise_scale"):
+        HalfCheetahTaskEnv(reset_noise="rllab", reset_noise_scale=0.1)
 
 
 def test_ant_takes_the_papers_rllab_model_as_an_option():
@@ -657,7 +659,7 @@ def test_ant_takes_the_papers_rllab_model_as_an_option():
     assert ant.model is twin.model and ant.model is not plain.model
     assert (ant.model.opt.timestep, ant.frame_skip, ant.dt) == (0.02, 1, pytest.approx(0.02))
     assert (plain.model.opt.timestep, plain.frame_skip) == (0.01, 2)
-    assert ant.model.opt.integrator == mujoco.mjtIntegrator.mjINT_RK4
+    assert ant.model.opt.integrator == plain.model.opt.integrator == mujoco.mjtIntegrator.mjINT_RK4
     assert ant.model.ngeom == plain.model.ngeom == 14
     np.testing.assert_array_equal(ant.model.geom_solimp,
                                   np.tile([0.8, 0.8, 0.01, 0.5, 2.0], (14, 1)))
@@ -686,6 +688,11 @@ def test_ant_takes_the_papers_rllab_model_as_an_option():
         env.close()
     with pytest.raises(ValueError, match="rllab_model must be True or False"):
         get_task_family("ant-vel", rllab_model="yes")
+    with pytest.raises(ValueError, match=r"own 0\.02 s per action \(frame_skip 1\); got "
+                                         r"frame_skip=2"):
+        AntTaskEnv(rllab_model=True, frame_skip=2)
+    with pytest.raises(ValueError, match="drop reset_noise_scale"):
+        AntTaskEnv(rllab_model=True, reset_noise_scale=0.1)
 
 
 @pytest.mark.parametrize("options", [{}, {"rllab_model": True}])

@@ -350,13 +350,14 @@ class GymTaskVectorEnv(TaskVectorEnv):
 # --------------------------------------------------------------------------------------------
 
 # Compiled models shared by the task envs of one process (``_SharedModel``).
-_MODELS: dict[tuple[type, str, int, int], mujoco.MjModel] = {}
+_MODELS: dict[tuple[type, str, int, int, str], mujoco.MjModel] = {}
 _MODELS_LOCK = threading.Lock()
 
 
 class _SharedModel:
-    """One compiled ``MjModel`` per env class and model file, shared by every env of the process;
-    each env has its own ``MjData``.
+    """One compiled ``MjModel`` per env class, model file and variant (``model_variant``, what
+    ``_compile`` changes in the file), shared by every env of the process; each env has its own
+    ``MjData``.
 
     ``mj_step`` only reads the model (MuJoCo's threading rule: one ``mjModel``, one ``mjData``
     per thread), and nothing here writes to it after compiling, so sharing changes no number
@@ -390,12 +391,50 @@ class _SharedModel:
         return super()._initialize_simulation()  # type: ignore[misc]
 
 
-class _CentreOfMass:
-    """rllab's centre-of-mass quantities of the torso's subtree (the whole robot)."""
+def check_flags(**options: Any) -> None:
+    """Refuse an on/off option that is not a bool, naming it."""
+    for option, value in options.items():
+        if not isinstance(value, bool | np.bool_):
+            raise ValueError(f"{option} must be True or False, got {value!r}")
+
+
+def check_reset_noise(reset_noise: Any) -> None:
+    if reset_noise not in _RESET_NOISES:
+        raise ValueError(f"reset_noise must be one of {_RESET_NOISES} (v5's start or the "
+                         f"paper's rllab start), got {reset_noise!r}")
+
+
+class _RllabMeasures:
+    """What the paper's rllab robots did that v5's do otherwise: its start (``rllab_start``)
+    and the centre-of-mass velocity of the torso's subtree (the whole robot) that its reward
+    read (``paid_velocity``, with the env's ``_com_velocity``)."""
 
     model: mujoco.MjModel
     data: mujoco.MjData
+    init_qpos: np.ndarray
+    init_qvel: np.ndarray
+    np_random: np.random.Generator
     _torso_id: int
+    _com_velocity: bool = False
+
+    def rllab_start(self) -> np.ndarray:
+        """rllab's start: positions + 0.01 N(0, 1), velocities + 0.1 N(0, 1), from the env's
+        seeded generator, positions first (v5: + U(-0.1, 0.1) and + 0.1 N(0, 1))."""
+        qpos = self.init_qpos + 0.01 * self.np_random.standard_normal(self.model.nq)
+        qvel = self.init_qvel + 0.1 * self.np_random.standard_normal(self.model.nv)
+        self.set_state(qpos, qvel)  # type: ignore[attr-defined]
+        return self._get_obs()  # type: ignore[attr-defined]
+
+    def paid_velocity(self, x_velocity: float) -> float:
+        """The velocity the reward pays for: the torso's ``x_velocity`` or, with
+        ``com_velocity``, the centre of mass's."""
+        return self.centre_of_mass_velocity() if self._com_velocity else x_velocity
+
+    @staticmethod
+    def paid_velocities(envs: Sequence[_RllabMeasures], x_velocity: np.ndarray) -> np.ndarray:
+        """``paid_velocity`` for a batch of envs whose data hold the states their steps ended
+        in (``x_velocity``: the torsos')."""
+        return np.array([env.paid_velocity(v) for env, v in zip(envs, x_velocity, strict=True)])
 
     def _recompute_positions(self) -> None:
         """mj_step computes positions before it integrates; recompute them (and the centres of
@@ -447,10 +486,10 @@ class _TaskReward:
         return target * x_velocity
 
 
-class HalfCheetahTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, HalfCheetahEnv):
+class HalfCheetahTaskEnv(_TaskReward, _RllabMeasures, _SharedModel, HalfCheetahEnv):
     """HalfCheetah-v5 with reward ``forward_reward(v) - ctrl_cost_weight * |a|^2``; ``v`` is the
     torso's x velocity, or with ``com_velocity`` the centre of mass's (``info["x_velocity"]``
-    stays the torso's)."""
+    stays the torso's). ``reset_noise="rllab"``: rllab's start (``rllab_start``)."""
 
     def __init__(self, objective: Objective = "velocity", ctrl_cost_weight: float = 0.05,
                  torso_com: bool = False, com_velocity: bool = False,
@@ -458,8 +497,10 @@ class HalfCheetahTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, HalfCheetahEn
         self._init_task(objective)
         self._torso_com = bool(torso_com)
         self._com_velocity = bool(com_velocity)
-        if reset_noise not in _RESET_NOISES:
-            raise ValueError(f"reset_noise must be one of {_RESET_NOISES}, got {reset_noise!r}")
+        check_reset_noise(reset_noise)
+        if reset_noise == "rllab" and "reset_noise_scale" in kwargs:
+            raise ValueError("reset_noise='rllab' sets its own start noise; drop "
+                             "reset_noise_scale (v5's start only)")
         self._reset_noise = reset_noise
         HalfCheetahEnv.__init__(self, ctrl_cost_weight=ctrl_cost_weight, **kwargs)
         utils.EzPickle.__init__(self, objective, ctrl_cost_weight, torso_com, com_velocity,
@@ -470,15 +511,7 @@ class HalfCheetahTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, HalfCheetahEn
             self.observation_space = spaces.Box(-np.inf, np.inf, (size,), np.float64)
 
     def reset_model(self) -> np.ndarray:
-        """v5's start (positions + U(-0.1, 0.1), velocities + 0.1 N(0, 1)), or with
-        ``reset_noise="rllab"`` the paper's rllab start: positions + 0.01 N(0, 1), velocities
-        + 0.1 N(0, 1), both drawn from the env's seeded generator, positions first."""
-        if self._reset_noise == "v5":
-            return super().reset_model()
-        qpos = self.init_qpos + 0.01 * self.np_random.standard_normal(self.model.nq)
-        qvel = self.init_qvel + 0.1 * self.np_random.standard_normal(self.model.nv)
-        self.set_state(qpos, qvel)
-        return self._get_obs()
+        return self.rllab_start() if self._reset_noise == "rllab" else super().reset_model()
 
     def _get_obs(self) -> np.ndarray:
         observation = super()._get_obs()
@@ -518,19 +551,15 @@ class HalfCheetahTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, HalfCheetahEn
             if env._torso_com:
                 env._recompute_positions()
                 row[positions + len(qvel):] = data.subtree_com[env._torso_id]
-        velocity = (x_after - x_before) / np.array([env.dt for env in batch])
-        for k, env in enumerate(batch):  # each env's data still holds the state its step ended in
-            if env._com_velocity:
-                velocity[k] = env.centre_of_mass_velocity()
+        velocity = HalfCheetahTaskEnv.paid_velocities(  # each env's data: its step's end state
+            batch, (x_after - x_before) / np.array([env.dt for env in batch]))
         weight = np.array([env._ctrl_cost_weight for env in batch])
         reward[indices] = (HalfCheetahTaskEnv.forward_rewards(batch, velocity)
                            - weight * np.sum(np.square(actions[indices]), axis=1))
         terminated[indices] = False
 
     def _get_rew(self, x_velocity: float, action: np.ndarray) -> tuple[float, dict[str, float]]:
-        if self._com_velocity:
-            x_velocity = self.centre_of_mass_velocity()
-        forward = self.forward_reward(x_velocity)
+        forward = self.forward_reward(self.paid_velocity(x_velocity))
         ctrl_cost = float(self.control_cost(action))
         return forward - ctrl_cost, {"reward_forward": forward, "reward_ctrl": -ctrl_cost}
 
@@ -561,23 +590,24 @@ RLLAB_ANT_SOLIMP = [0.8, 0.8, 0.01, 0.5, 2.0]
 HALF_CHEETAH_FRAME_SKIP = 5
 
 
-class AntTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, AntEnv):
+class AntTaskEnv(_TaskReward, _RllabMeasures, _SharedModel, AntEnv):
     """Ant-v5 with the rllab MAML reward ``forward - ctrl - contact + survive_reward`` (forward:
     ``velocity_offset - |v - target|`` or ``direction * v``) and rllab's 0.02 s per action.
 
     ``rllab_model``: the paper's rllab ant as its model file and reset made it, on v5's bodies:
-    one RK4 step of 0.02 s per action (v5's file: 0.01 s, here taken twice), softer contacts
+    one RK4 step of 0.02 s per action (v5's file: RK4 at 0.01 s, here taken twice), softer contacts
     (``solimp .8 .8 .01`` on every geom, MuJoCo 1.31's three numbers with today's defaults for
     the other two; v5 keeps MuJoCo's ``.9 .95 .001``), a start from the file's ``init_qpos``
     (torso at 0.55, each ankle bent 1 rad, inside its joint range; v5 starts from the bodies'
     0.75 with straight ankles, outside it) plus 0.01 N(0, 1) on the positions and 0.1 N(0, 1)
     on the velocities (v5: U(-0.1, 0.1) and 0.1 N(0, 1)). ``com_velocity``: ``v`` is the
-    velocity of the ant's centre of mass, as rllab's reward read it, not the torso's."""
+    velocity of the ant's centre of mass, as rllab's reward read it, not the torso's
+    (``info["x_velocity"]`` stays the torso's)."""
 
     def __init__(self, objective: Objective = "velocity", ctrl_cost_weight: float = 0.5e-2,
                  contact_cost_weight: float = 0.5e-3, survive_reward: float = 0.05,
                  include_cfrc_ext_in_observation: bool = False, velocity_offset: float = 1.0,
-                 frame_skip: int = ANT_FRAME_SKIP, rllab_model: bool = False,
+                 frame_skip: int | None = None, rllab_model: bool = False,
                  com_velocity: bool = False, **kwargs: Any):
         self._init_task(objective)
         self._survive_reward = float(survive_reward)
@@ -585,9 +615,14 @@ class AntTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, AntEnv):
         self._rllab_model = bool(rllab_model)
         self._com_velocity = bool(com_velocity)
         if self._rllab_model:
-            self.model_variant = "rllab"
-            frame_skip = 1  # the variant's own 0.02 s step
-        kwargs["frame_skip"] = int(frame_skip)
+            if frame_skip not in (None, 1):
+                raise ValueError(f"rllab_model steps its model's own 0.02 s per action "
+                                 f"(frame_skip 1); got frame_skip={frame_skip!r}")
+            if "reset_noise_scale" in kwargs:
+                raise ValueError("rllab_model sets its own start noise; drop "
+                                 "reset_noise_scale (v5's start only)")
+            frame_skip = 1
+        kwargs["frame_skip"] = ANT_FRAME_SKIP if frame_skip is None else int(frame_skip)
         kwargs.setdefault("healthy_z_range", (0.2, 1.0))
         kwargs.setdefault("contact_force_range", (-1.0, 1.0))
         AntEnv.__init__(self, ctrl_cost_weight=ctrl_cost_weight,
@@ -602,12 +637,15 @@ class AntTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, AntEnv):
         if self._rllab_model:
             self.init_qpos = self.model.numeric("init_qpos").data.copy()
 
+    @property
+    def model_variant(self) -> str:  # type: ignore[override]
+        return "rllab" if self._rllab_model else ""
+
     def _compile(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
         if not self._rllab_model:
             return super()._compile()
-        spec = mujoco.MjSpec.from_file(self.fullpath)
+        spec = mujoco.MjSpec.from_file(self.fullpath)  # v5's file: RK4 already, at 0.01 s
         spec.option.timestep = RLLAB_ANT_TIMESTEP
-        spec.option.integrator = mujoco.mjtIntegrator.mjINT_RK4
         for geom in spec.geoms:
             geom.solimp = RLLAB_ANT_SOLIMP
         model = spec.compile()
@@ -616,12 +654,7 @@ class AntTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, AntEnv):
         return model, mujoco.MjData(model)
 
     def reset_model(self) -> np.ndarray:
-        if not self._rllab_model:
-            return super().reset_model()
-        qpos = self.init_qpos + 0.01 * self.np_random.standard_normal(self.model.nq)
-        qvel = self.init_qvel + 0.1 * self.np_random.standard_normal(self.model.nv)
-        self.set_state(qpos, qvel)
-        return self._get_obs()
+        return self.rllab_start() if self._rllab_model else super().reset_model()
 
     @staticmethod
     def step_batch(envs: Sequence[AntTaskEnv], indices: np.ndarray, actions: np.ndarray,
@@ -637,7 +670,6 @@ class AntTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, AntEnv):
         x_before, x_after = np.empty(len(batch)), np.empty(len(batch))
         healthy = np.empty(len(batch), dtype=bool)
         forces = np.empty((len(batch), *first.data.cfrc_ext.shape))
-        com_velocity = np.full(len(batch), np.nan)
         for k, (i, env) in enumerate(zip(indices, batch, strict=True)):
             data = env.data
             # v5's torso position is that of the last substep's kinematics (before it integrates)
@@ -651,8 +683,6 @@ class AntTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, AntEnv):
             row[:positions] = qpos[2:]
             row[positions:positions + len(qvel)] = qvel
             forces[k] = data.cfrc_ext
-            if env._com_velocity:
-                com_velocity[k] = env.centre_of_mass_velocity()
             low, high = env._healthy_z_range
             healthy[k] = (np.isfinite(qpos).all() and np.isfinite(qvel).all()
                           and low <= qpos[2] <= high)
@@ -662,9 +692,7 @@ class AntTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, AntEnv):
             obs[indices, first.observation_space.shape[0] - clipped[0, 1:].size:] = \
                 clipped[:, 1:].reshape(len(batch), -1)
         dt = np.array([env.dt for env in batch])
-        velocity = (x_after - x_before) / dt
-        by_com = np.array([env._com_velocity for env in batch], dtype=bool)
-        velocity[by_com] = com_velocity[by_com]
+        velocity = AntTaskEnv.paid_velocities(batch, (x_after - x_before) / dt)
         forward = AntTaskEnv.forward_rewards(batch, velocity)
         ctrl_weight = np.array([env._ctrl_cost_weight for env in batch])
         contact_weight = np.array([env._contact_cost_weight for env in batch])
@@ -675,9 +703,7 @@ class AntTaskEnv(_TaskReward, _CentreOfMass, _SharedModel, AntEnv):
         terminated[indices] = ~healthy & terminate
 
     def _get_rew(self, x_velocity: float, action: np.ndarray) -> tuple[float, dict[str, float]]:
-        if self._com_velocity:
-            x_velocity = self.centre_of_mass_velocity()
-        forward = self.forward_reward(x_velocity)
+        forward = self.forward_reward(self.paid_velocity(x_velocity))
         ctrl_cost = float(self.control_cost(action))
         contact_cost = float(self.contact_cost)
         reward = forward - ctrl_cost - contact_cost + self._survive_reward
@@ -740,8 +766,7 @@ class _DirectionFamily(_MujocoTaskFamily):
     balanced = False
 
     def _init_directions(self, balanced: bool) -> None:
-        if not isinstance(balanced, bool | np.bool_):
-            raise ValueError(f"balanced must be True or False, got {balanced!r}")
+        check_flags(balanced=balanced)
         self.balanced = bool(balanced)
 
     def sample_tasks(self, n: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -776,12 +801,8 @@ class _HalfCheetahMixin:
                 or frame_skip < 1:
             raise ValueError(f"frame_skip must be an integer >= 1 (substeps of 0.01 s per "
                              f"action), got {frame_skip!r}")
-        for option, value in (("torso_com", torso_com), ("com_velocity", com_velocity)):
-            if not isinstance(value, bool | np.bool_):
-                raise ValueError(f"{option} must be True or False, got {value!r}")
-        if reset_noise not in _RESET_NOISES:
-            raise ValueError(f"reset_noise must be one of {_RESET_NOISES} (v5's start or the "
-                             f"paper's rllab start), got {reset_noise!r}")
+        check_flags(torso_com=torso_com, com_velocity=com_velocity)
+        check_reset_noise(reset_noise)
         self.reset_noise = str(reset_noise)
         self.frame_skip = int(frame_skip)
         self.torso_com = bool(torso_com)
@@ -806,10 +827,8 @@ class _AntMixin:
 
     def _init_ant(self, include_contact_forces: bool, rllab_model: bool,
                   com_velocity: bool) -> None:
-        for option, value in (("include_contact_forces", include_contact_forces),
-                              ("rllab_model", rllab_model), ("com_velocity", com_velocity)):
-            if not isinstance(value, bool | np.bool_):
-                raise ValueError(f"{option} must be True or False, got {value!r}")
+        check_flags(include_contact_forces=include_contact_forces, rllab_model=rllab_model,
+                    com_velocity=com_velocity)
         self.include_contact_forces = bool(include_contact_forces)
         self.rllab_model = bool(rllab_model)
         self.com_velocity = bool(com_velocity)
