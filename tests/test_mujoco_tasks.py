@@ -553,12 +553,24 @@ def test_half_cheetah_observes_its_centre_of_mass_as_an_option(name):
         get_task_family(name, torso_com="yes")
 
 
+def _centre_of_mass_x_velocity(robot) -> float:
+    """The robot's linear momentum over its mass, body by body (each body's velocity at its
+    own centre of mass), from a fresh ``MjData`` in the robot's current state."""
+    fresh = mujoco.MjData(robot.model)
+    fresh.qpos[:], fresh.qvel[:] = robot.data.qpos, robot.data.qvel
+    mujoco.mj_forward(robot.model, fresh)
+    momentum, velocity = np.zeros(3), np.zeros(6)
+    for body in range(1, robot.model.nbody):
+        mujoco.mj_objectVelocity(robot.model, fresh, mujoco.mjtObj.mjOBJ_BODY, body, velocity, 0)
+        momentum += robot.model.body_mass[body] * velocity[3:]
+    return momentum[0] / robot.model.body_mass[1:].sum()
+
+
 @pytest.mark.parametrize("name", ["halfcheetah-vel", "halfcheetah-dir"])
 def test_half_cheetah_rewards_its_centre_of_mass_velocity_as_an_option(name):
     """``com_velocity: true`` pays for the velocity the paper's rllab reward read
     (``get_body_comvel("torso")``): the cheetah's linear momentum over its mass, in the state
     the step ended in. Recomputed here body by body from a fresh ``MjData``, as rllab did."""
-    import mujoco
 
     column = get_task_family(name).task_params[0]
     target = 1.0 if name.endswith("vel") else -1.0
@@ -576,15 +588,7 @@ def test_half_cheetah_rewards_its_centre_of_mass_velocity_as_an_option(name):
     for t in range(40):
         action = torch.full((1, 6), 0.9 if t % 10 < 5 else -0.9, dtype=torch.float64)
         (_, reward_torso, *_), (_, reward_com, *_) = (env.step(action) for env in envs)
-        fresh = mujoco.MjData(cheetah.model)
-        fresh.qpos[:], fresh.qvel[:] = cheetah.data.qpos, cheetah.data.qvel
-        mujoco.mj_forward(cheetah.model, fresh)
-        momentum, velocity = np.zeros(3), np.zeros(6)
-        for body in range(1, cheetah.model.nbody):
-            mujoco.mj_objectVelocity(cheetah.model, fresh, mujoco.mjtObj.mjOBJ_BODY, body,
-                                     velocity, 0)
-            momentum += cheetah.model.body_mass[body] * velocity[3:]
-        v = momentum[0] / cheetah.model.body_mass[1:].sum()
+        v = _centre_of_mass_x_velocity(cheetah)
         forward = -abs(v - target) if name.endswith("vel") else target * v
         expected = forward - 0.05 * float((action ** 2).sum())
         assert float(reward_com[0]) == pytest.approx(expected, abs=1e-9)
@@ -714,15 +718,7 @@ def test_ant_rewards_its_centre_of_mass_velocity_as_an_option(options):
         action = torch.from_numpy(rng.uniform(-1.0, 1.0, size=(1, 8)))
         (obs_plain, reward_torso, *_), (obs, reward, *_) = (env.step(action) for env in envs)
         assert torch.equal(obs, obs_plain)
-        fresh = mujoco.MjData(ant.model)
-        fresh.qpos[:], fresh.qvel[:] = ant.data.qpos, ant.data.qvel
-        mujoco.mj_forward(ant.model, fresh)
-        momentum, velocity = np.zeros(3), np.zeros(6)
-        for body in range(1, ant.model.nbody):
-            mujoco.mj_objectVelocity(ant.model, fresh, mujoco.mjtObj.mjOBJ_BODY, body,
-                                     velocity, 0)
-            momentum += ant.model.body_mass[body] * velocity[3:]
-        v = momentum[0] / ant.model.body_mass[1:].sum()
+        v = _centre_of_mass_x_velocity(ant)
         contact = np.square(np.clip(ant.data.cfrc_ext, -1.0, 1.0)).sum()
         expected = -v - 0.5e-2 * float((action ** 2).sum()) - 0.5e-3 * contact + 0.05
         assert float(reward[0]) == pytest.approx(expected, abs=1e-9)
