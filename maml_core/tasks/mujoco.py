@@ -432,9 +432,11 @@ class _RllabMeasures:
 
     @staticmethod
     def paid_velocities(envs: Sequence[_RllabMeasures], x_velocity: np.ndarray) -> np.ndarray:
-        """``paid_velocity`` for a batch of envs whose data hold the states their steps ended
-        in (``x_velocity``: the torsos')."""
-        return np.array([env.paid_velocity(v) for env, v in zip(envs, x_velocity, strict=True)])
+        """``paid_velocity`` for a batch of envs of one family (one set of options) whose data
+        hold the states their steps ended in (``x_velocity``: the torsos')."""
+        if not envs or not envs[0]._com_velocity:
+            return x_velocity
+        return np.array([env.centre_of_mass_velocity() for env in envs])
 
     def _recompute_positions(self) -> None:
         """mj_step computes positions before it integrates; recompute them (and the centres of
