@@ -404,6 +404,13 @@ def check_reset_noise(reset_noise: Any) -> None:
                          f"paper's rllab start), got {reset_noise!r}")
 
 
+def refuse_v5_noise(option: str, kwargs: Mapping[str, Any]) -> None:
+    """rllab's start has its own noise: refuse v5's ``reset_noise_scale`` beside ``option``."""
+    if "reset_noise_scale" in kwargs:
+        raise ValueError(f"{option} sets its own start noise; drop reset_noise_scale (v5's "
+                         f"start only)")
+
+
 class _RllabMeasures:
     """What the paper's rllab robots did that v5's do otherwise: its start (``rllab_start``)
     and the centre-of-mass velocity of the torso's subtree (the whole robot) that its reward
@@ -500,9 +507,8 @@ class HalfCheetahTaskEnv(_TaskReward, _RllabMeasures, _SharedModel, HalfCheetahE
         self._torso_com = bool(torso_com)
         self._com_velocity = bool(com_velocity)
         check_reset_noise(reset_noise)
-        if reset_noise == "rllab" and "reset_noise_scale" in kwargs:
-            raise ValueError("reset_noise='rllab' sets its own start noise; drop "
-                             "reset_noise_scale (v5's start only)")
+        if reset_noise == "rllab":
+            refuse_v5_noise("reset_noise='rllab'", kwargs)
         self._reset_noise = reset_noise
         HalfCheetahEnv.__init__(self, ctrl_cost_weight=ctrl_cost_weight, **kwargs)
         utils.EzPickle.__init__(self, objective, ctrl_cost_weight, torso_com, com_velocity,
@@ -620,9 +626,7 @@ class AntTaskEnv(_TaskReward, _RllabMeasures, _SharedModel, AntEnv):
             if frame_skip not in (None, 1):
                 raise ValueError(f"rllab_model steps its model's own 0.02 s per action "
                                  f"(frame_skip 1); got frame_skip={frame_skip!r}")
-            if "reset_noise_scale" in kwargs:
-                raise ValueError("rllab_model sets its own start noise; drop "
-                                 "reset_noise_scale (v5's start only)")
+            refuse_v5_noise("rllab_model", kwargs)
             frame_skip = 1
         kwargs["frame_skip"] = ANT_FRAME_SKIP if frame_skip is None else int(frame_skip)
         kwargs.setdefault("healthy_z_range", (0.2, 1.0))
