@@ -55,9 +55,9 @@ def learning_curve(history: pd.DataFrame, title: str, selected: int | None = Non
 def resources(history: pd.DataFrame, title: str):
     """Where a run's time and memory went, per meta-iteration: above, the seconds of each stage
     (``seconds_<stage>`` columns, stacked) under the whole iteration's; below, the process's
-    resident memory after the meta-update (``memory_resident_mb``), with the iterations whose
-    release handed memory back (``memory_released_mb`` > 0) marked. None when the history has
-    neither."""
+    resident memory after the meta-update (``memory_resident_mb``), with the iterations where a
+    release ran marked (``memory_trimmed``; in runs older than that metric, those whose release
+    handed memory back, ``memory_released_mb`` > 0). None when the history has neither."""
     stages = [c for c in history.columns
               if c.startswith("seconds_") and c != "seconds_iteration"]
     whole = "seconds_iteration" in history
@@ -82,11 +82,11 @@ def resources(history: pd.DataFrame, title: str):
     if memory:
         gb = history["memory_resident_mb"] / 1024
         bottom.plot(x, gb, color="tab:purple", label="resident memory after the meta-update")
-        released = history.get("memory_released_mb", pd.Series(0.0, index=history.index))
-        released = released.fillna(0.0) > 0
-        if released.any():
-            bottom.plot(x[released], gb[released], "v", color="tab:red", ms=5,
-                        label="memory handed back (malloc_trim)")
+        ran = history.get("memory_trimmed", history.get("memory_released_mb"))
+        ran = (pd.Series(0.0, index=history.index) if ran is None else ran).fillna(0.0) > 0
+        if ran.any():
+            bottom.plot(x[ran], gb[ran], "v", color="tab:red", ms=5,
+                        label="release ran (malloc_trim)")
         bottom.legend(fontsize="small")
     else:
         bottom.text(0.5, 0.5, "no memory figures recorded", ha="center", va="center",

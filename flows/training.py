@@ -27,7 +27,7 @@ from maml_core.trainer import MetaLearner, summary_table
 ITERATION_METRICS = ("pre_return", "post_return", "pre_mse", "post_mse", "meta_loss",
                      "meta_loss_after", "kl", "grad_norm", "line_search_steps", "rejected",
                      "rejected_in_a_row", "env_steps", "memory_resident_mb",
-                     "memory_released_mb")
+                     "memory_released_mb", "memory_trimmed")
 
 
 def store_root() -> Path:

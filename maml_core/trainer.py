@@ -161,6 +161,8 @@ class MetaLearner:
         if resident is not None:
             stats["memory_resident_mb"] = resident / MIB
         stats["memory_released_mb"] = (released or 0) / MIB
+        # Whether a trim ran at all: one that freed nothing reads 0 MB above, as no trim does.
+        stats["memory_trimmed"] = float(released is not None)
         self._count_rejections(stats)
         stats["rejected_in_a_row"] = float(self.rejected_in_a_row)
         return stats

@@ -26,3 +26,26 @@ def test_release_free_memory_hands_kept_heap_memory_back(monkeypatch):
     assert allocator._resident_after_release is None  # the next call takes the level again
     assert allocator.release_free_memory(64 * MIB) is None
     assert allocator.release_free_memory(64 * MIB) is None
+
+
+def test_meta_update_records_whether_a_release_ran(monkeypatch):
+    # A trim that hands back nothing reads 0 MB, as no trim does; memory_trimmed tells them apart.
+    if not allocator.tune_allocator() or allocator.resident_bytes() is None:
+        pytest.skip("glibc's malloc settings are not in effect in this process")
+    from maml_core.config import build_config
+    from maml_core.trainer import MetaLearner
+
+    learner = MetaLearner(build_config({"meta_batch_size": 2, "episodes_per_task": 2,
+                                        "task": {"horizon": 10},
+                                        "policy": {"hidden_sizes": [8]}}))
+    tasks = learner.sample_tasks(0)
+    pre = learner.collect(learner.meta_params, tasks, 0, "pre")
+    post = learner.collect(learner.adapt(pre), tasks, 0, "post")
+    monkeypatch.setattr(allocator, "_resident_after_release", allocator.resident_bytes() * 4)
+    stats = learner.meta_update(pre, post)  # far under the level: no release
+    assert stats["memory_trimmed"] == 0.0 and stats["memory_released_mb"] == 0.0
+    grown_past_the_margin = allocator.resident_bytes() - allocator.TRIM_THRESHOLD - 64 * MIB
+    monkeypatch.setattr(allocator, "_resident_after_release", grown_past_the_margin)
+    stats = learner.meta_update(pre, post)
+    assert stats["memory_trimmed"] == 1.0 and stats["memory_released_mb"] >= 0.0
+    assert allocator._resident_after_release is None  # the release ran and reset the level

@@ -64,7 +64,7 @@ def test_train_records_lineage_and_model(trained, pipeline):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "post_return")]
     assert sorted(steps) == [0, 1, 2]
     assert {"eval_return_step_0", "eval_return_step_1", "kl", "grad_norm",
-            "seconds_meta_update", "memory_released_mb"} <= set(run.data.metrics)
+            "seconds_meta_update", "memory_released_mb", "memory_trimmed"} <= set(run.data.metrics)
     # The process's memory after each meta-update: this process's size at that moment.
     resident = [m.value for m in client.get_metric_history(run.info.run_id,
                                                            "memory_resident_mb")]

@@ -29,8 +29,17 @@ def test_resources_stacks_the_stages_and_marks_the_releases():
     assert list(lines["whole iteration"].get_ydata()) == [3.1, 3.9, 3.6, 3.3]
     assert list(lines["resident memory after the meta-update"].get_ydata()) == [
         1.0, 2.0, 1.5, 1800 / 1024]
-    marks = lines["memory handed back (malloc_trim)"]
+    marks = lines["release ran (malloc_trim)"]
     assert list(marks.get_xdata()) == [2] and list(marks.get_ydata()) == [1.5]
+
+
+def test_resources_marks_a_release_that_freed_nothing():
+    # memory_trimmed tells a trim that handed back 0 bytes from no trim at all
+    history = pd.DataFrame({"iteration": [0, 1, 2], "memory_resident_mb": [900.0, 1500.0, 950.0],
+                            "memory_released_mb": [0.0, 0.0, 550.0],
+                            "memory_trimmed": [0.0, 1.0, 1.0]})
+    marks = {line.get_label(): line for line in plots.resources(history, "t").axes[1].get_lines()}
+    assert list(marks["release ran (malloc_trim)"].get_xdata()) == [1, 2]
 
 
 def test_resources_without_figures():
