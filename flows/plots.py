@@ -82,8 +82,8 @@ def resources(history: pd.DataFrame, title: str):
     if memory:
         gb = history["memory_resident_mb"] / 1024
         bottom.plot(x, gb, color="tab:purple", label="resident memory after the meta-update")
-        ran = history.get("memory_trimmed", history.get("memory_released_mb"))
-        ran = (pd.Series(0.0, index=history.index) if ran is None else ran).fillna(0.0) > 0
+        column = "memory_trimmed" if "memory_trimmed" in history else "memory_released_mb"
+        ran = history.get(column, pd.Series(0.0, index=history.index)).fillna(0.0) > 0
         if ran.any():
             bottom.plot(x[ran], gb[ran], "v", color="tab:red", ms=5,
                         label="release ran (malloc_trim)")
