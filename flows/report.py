@@ -130,10 +130,14 @@ _BOOKKEEPING = ("seed", "checkpoint_every", "pipeline.")
 
 def _same_but_seed(a, b) -> bool:
     """Whether two runs' resolved configs (their MLflow params) agree on every key both have,
-    the seed and bookkeeping aside (a key that only one has was added to the config later)."""
+    the seed and bookkeeping aside (a key that only one has was added to the config later),
+    and name the same task options (a config holds only the options it sets, so an option
+    that one run names and the other does not makes another task, not a newer config)."""
     pa, pb = a.data.params, b.data.params
-    return all(pa[k] == pb[k] for k in pa.keys() & pb.keys()
-               if not k.startswith(_BOOKKEEPING))
+    options = {k for k in pa.keys() | pb.keys() if k.startswith("task.options.")}
+    return (options <= pa.keys() & pb.keys()
+            and all(pa[k] == pb[k] for k in pa.keys() & pb.keys()
+                    if not k.startswith(_BOOKKEEPING)))
 
 
 def seed_groups(runs: list[ReportRun]) -> list[list[ReportRun]]:

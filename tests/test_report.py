@@ -537,3 +537,24 @@ def test_mean_return_per_direction_and_with_equal_weight():
     many = panel.assign(direction=[0.1, 0.2, 0.3, 0.4, 0.5, 0.2, 0.3, 0.4])
     assert by_coordinate_value(many, "direction") is None
     assert _coordinate_value_lines({"maml": many}, "direction") == []
+
+
+def test_seed_groups_keep_apart_runs_that_differ_in_a_task_option_one_of_them_names():
+    """Exported halfcheetah-vel runs of the paper config, one with the default start noise and
+    one with ``--set task.options.reset_noise=rllab`` (a key only the second run's params
+    have), are two tasks, not two seeds; two balanced halfcheetah-dir seeds are one group."""
+    from flows.report import ReportRun, seed_groups
+
+    def exported(run_id: str, family: str) -> ReportRun:
+        return ReportRun(run=ROOT / "docs" / "results" / "runs" / run_id, family=family,
+                         method="maml", k_shot=None, summary=None)
+
+    default = exported("79772b51712d43829ae74eeddb870b6b", "halfcheetah-vel")
+    rllab = exported("ea2e617e38b746be8f35e6084abfb566", "halfcheetah-vel")
+    assert "task.options.reset_noise" not in default.run.data.params
+    assert rllab.run.data.params["task.options.reset_noise"] == "rllab"
+    assert seed_groups([default, rllab]) == []
+    seeds = [exported("dcfa149268fc49028e24ca9e01f2294b", "halfcheetah-dir"),
+             exported("7c97d24556044dfea9002169803380f5", "halfcheetah-dir")]
+    (group,) = seed_groups(seeds)
+    assert [r.run.data.params["seed"] for r in group] == ["0", "1"]
