@@ -134,8 +134,7 @@ def _same_but_seed(a, b) -> bool:
     and name the same task options (a config holds only the options it sets, so an option
     that one run names and the other does not makes another task, not a newer config)."""
     pa, pb = a.data.params, b.data.params
-    options = {k for k in pa.keys() | pb.keys() if k.startswith("task.options.")}
-    return (options <= pa.keys() & pb.keys()
+    return (_task_options(a) == _task_options(b)
             and all(pa[k] == pb[k] for k in pa.keys() & pb.keys()
                     if not k.startswith(_BOOKKEEPING)))
 
