@@ -103,16 +103,30 @@ def _method(run) -> str:
     return "maml" if tags.get("maml.kind") == "meta-train" else tags.get("maml.method", "?")
 
 
+def _words(command: str | None) -> list[str]:
+    try:
+        return shlex.split(command or "")
+    except ValueError:
+        return []
+
+
+def _overrides(words: list[str]) -> list[str]:
+    """The ``--set`` overrides of a command line, in order."""
+    return ([value for flag, value in itertools.pairwise(words) if flag == "--set"]
+            + [w.split("=", 1)[1] for w in words if w.startswith("--set=")])
+
+
 def _command_parts(run) -> list[str]:
     """The config file's stem, the ``--set`` overrides and the
-    ``--pretrain-iterations``/``--init-model`` of the run's recorded command."""
-    try:
-        words = shlex.split(run.data.tags.get(tracking.TAG_COMMAND) or "")
-    except ValueError:
-        words = []
+    ``--pretrain-iterations``/``--init-model`` of the run's recorded command, where a resume
+    with ``--set`` replaces the value of a key its run set (``--set iterations=240``) or adds
+    the key: what the run's last iterations ran with."""
+    words = _words(run.data.tags.get(tracking.TAG_COMMAND))
+    settings = {o.split("=", 1)[0]: o for o in _overrides(words)}
+    for _, _, command in tracking.resumes(run.data.tags):
+        settings.update((o.split("=", 1)[0], o) for o in _overrides(_words(command)))
     parts = [Path(w).stem for w in words if w.endswith((".yaml", ".yml"))][:1]
-    parts += [value for flag, value in itertools.pairwise(words) if flag == "--set"]
-    parts += [w.split("=", 1)[1] for w in words if w.startswith("--set=")]
+    parts += list(settings.values())
     parts += [f"{flag[2:]}={value}" for flag, value in itertools.pairwise(words)
               if flag in ("--pretrain-iterations", "--init-model")]
     return parts

@@ -558,3 +558,24 @@ def test_seed_groups_keep_apart_runs_that_differ_in_a_task_option_one_of_them_na
              exported("7c97d24556044dfea9002169803380f5", "halfcheetah-dir")]
     (group,) = seed_groups(seeds)
     assert [r.run.data.params["seed"] for r in group] == ["0", "1"]
+
+
+def test_variant_label_takes_the_overrides_of_the_run_s_resumes():
+    """An exported ant-vel run trained with ``--set iterations=100`` and resumed with ``--set
+    iterations=240`` is labelled with what its last iterations ran with: 240, the other
+    overrides kept in order; a run never resumed keeps its command's overrides."""
+    from flows import tracking
+    from flows.report import _variant
+    from flows.runrecord import open_record
+
+    runs = ROOT / "docs" / "results" / "runs"
+    resumed = open_record(runs / "0dedb1b4b46c4d8b9471b97f2840d3c6")
+    ((_, at, command),) = tracking.resumes(resumed.data.tags)
+    assert (at, command.split()[-2:]) == (100, ["--set", "iterations=240"])
+    assert _variant(resumed, "maml") == ("maml (ant-vel-fast, iterations=240, "
+                                         "task.options.rllab_model=true, "
+                                         "task.options.com_velocity=true)")
+    once = open_record(runs / "a628d46b0cf04bf9bdd9a410c0059362")
+    assert _variant(once, "maml") == ("maml (ant-dir-fast, iterations=100, "
+                                      "task.options.rllab_model=true, "
+                                      "task.options.com_velocity=true)")
