@@ -575,7 +575,6 @@ def test_variant_label_takes_the_overrides_of_the_run_s_resumes():
     assert _variant(resumed, "maml") == ("maml (ant-vel-fast, iterations=240, "
                                          "task.options.rllab_model=true, "
                                          "task.options.com_velocity=true)")
-    once = open_record(runs / "a628d46b0cf04bf9bdd9a410c0059362")
-    assert _variant(once, "maml") == ("maml (ant-dir-fast, iterations=100, "
-                                      "task.options.rllab_model=true, "
-                                      "task.options.com_velocity=true)")
+    once = open_record(runs / "ea2e617e38b746be8f35e6084abfb566")
+    assert tracking.resumes(once.data.tags) == []
+    assert _variant(once, "maml") == "maml (halfcheetah-vel, task.options.reset_noise=rllab)"
