@@ -116,6 +116,13 @@ def _overrides(words: list[str]) -> list[str]:
             + [w.split("=", 1)[1] for w in words if w.startswith("--set=")])
 
 
+def _resume_overrides(run) -> list[str]:
+    """The ``--set`` overrides of the run's resumes, oldest first (the run's params keep the
+    values its first segment was logged with)."""
+    return [o for _, _, command in tracking.resumes(run.data.tags)
+            for o in _overrides(_words(command))]
+
+
 def _command_parts(run) -> list[str]:
     """The config file's stem, the ``--set`` overrides and the
     ``--pretrain-iterations``/``--init-model`` of the run's recorded command, where a resume
@@ -123,8 +130,7 @@ def _command_parts(run) -> list[str]:
     the key: what the run's last iterations ran with."""
     words = _words(run.data.tags.get(tracking.TAG_COMMAND))
     settings = {o.split("=", 1)[0]: o for o in _overrides(words)}
-    for _, _, command in tracking.resumes(run.data.tags):
-        settings.update((o.split("=", 1)[0], o) for o in _overrides(_words(command)))
+    settings.update((o.split("=", 1)[0], o) for o in _resume_overrides(run))
     parts = [Path(w).stem for w in words if w.endswith((".yaml", ".yml"))][:1]
     parts += list(settings.values())
     parts += [f"{flag[2:]}={value}" for flag, value in itertools.pairwise(words)
@@ -142,12 +148,19 @@ def _variant(run, method: str) -> str:
 _BOOKKEEPING = ("seed", "checkpoint_every", "pipeline.")
 
 
+def _last_params(run) -> dict[str, str]:
+    """The run's params with its resumes' ``--set`` overrides laid over them: the config its
+    last iterations ran with."""
+    return {**run.data.params, **dict(o.split("=", 1) for o in _resume_overrides(run)
+                                      if "=" in o)}
+
+
 def _same_but_seed(a, b) -> bool:
     """Whether two runs' resolved configs (their MLflow params) agree on every key both have,
     the seed and bookkeeping aside (a key that only one has was added to the config later),
     and name the same task options (a config holds only the options it sets, so an option
     that one run names and the other does not makes another task, not a newer config)."""
-    pa, pb = a.data.params, b.data.params
+    pa, pb = _last_params(a), _last_params(b)
     return (_task_options(a) == _task_options(b)
             and all(pa[k] == pb[k] for k in pa.keys() & pb.keys()
                     if not k.startswith(_BOOKKEEPING)))

@@ -235,12 +235,13 @@ def test_report_shows_a_second_maml_run_of_a_family_beside_the_first(store, tmp_
 
 
 def test_report_averages_runs_that_differ_only_in_the_seed(store, tmp_path):
-    """A second meta-train run of the same config with another seed: the report's over-seeds
-    table gives the mean of the two runs' held-out means, the lowest and the highest."""
+    """A second meta-train run of the same config with another seed (4 iterations in one go,
+    as many as the first made in two): the report's over-seeds table gives the mean of the two
+    runs' held-out means, the lowest and the highest."""
     from flows import tracking
     from flows.report import write_report
 
-    argv = ["train", NAV, *_sets(), "--set", "seed=7"]
+    argv = ["train", NAV, *_sets(), "--set", "seed=7", "--set", "iterations=4"]
     with _second_run(store, "meta-train", argv) as (first, second):
         report = write_report(tmp_path / "r", run_ids=[first, second.info.run_id])
         text = Path(report["path"]).read_text()
@@ -578,3 +579,32 @@ def test_variant_label_takes_the_overrides_of_the_run_s_resumes():
     once = open_record(runs / "ea2e617e38b746be8f35e6084abfb566")
     assert tracking.resumes(once.data.tags) == []
     assert _variant(once, "maml") == "maml (halfcheetah-vel, task.options.reset_noise=rllab)"
+
+
+def test_seed_groups_compare_what_resumed_runs_last_trained_with(tmp_path):
+    """Seed grouping reads a resume's ``--set`` overrides over the run's params (which keep
+    its first segment's values): copies of the exported ant-vel run resumed to 240 iterations
+    are seeds of it when they were resumed alike, and another task when one never was (it
+    trained 100 iterations, as every copy's ``iterations`` param says)."""
+    import yaml
+
+    from flows.report import ReportRun, seed_groups
+
+    source = ROOT / "docs" / "results" / "runs" / "0dedb1b4b46c4d8b9471b97f2840d3c6" / "run.yaml"
+
+    def copy(seed: int, resumed: bool) -> ReportRun:
+        meta = yaml.safe_load(source.read_text(encoding="utf-8"))
+        meta["info"]["run_id"] = f"{seed:032x}"
+        meta["params"]["seed"] = str(seed)
+        if not resumed:
+            meta["tags"] = {k: v for k, v in meta["tags"].items() if "resume" not in k}
+        folder = tmp_path / meta["info"]["run_id"]
+        folder.mkdir()
+        (folder / "run.yaml").write_text(yaml.safe_dump(meta), encoding="utf-8")
+        return ReportRun(run=folder, family="ant-vel", method="maml", k_shot=None,
+                         summary=None)
+
+    runs = [copy(0, True), copy(1, True), copy(2, False)]
+    assert all(r.run.data.params["iterations"] == "100" for r in runs)
+    (group,) = seed_groups(runs)
+    assert [r.run.data.params["seed"] for r in group] == ["0", "1"]
