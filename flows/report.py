@@ -129,8 +129,7 @@ def _command_parts(run) -> list[str]:
     with ``--set`` replaces the value of a key its run set (``--set iterations=240``) or adds
     the key: what the run's last iterations ran with."""
     words = _words(run.data.tags.get(tracking.TAG_COMMAND))
-    settings = {o.split("=", 1)[0]: o for o in _overrides(words)}
-    settings.update((o.split("=", 1)[0], o) for o in _resume_overrides(run))
+    settings = {o.split("=", 1)[0]: o for o in [*_overrides(words), *_resume_overrides(run)]}
     parts = [Path(w).stem for w in words if w.endswith((".yaml", ".yml"))][:1]
     parts += list(settings.values())
     parts += [f"{flag[2:]}={value}" for flag, value in itertools.pairwise(words)
