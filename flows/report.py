@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from flows import plots, tracking
 from flows.errors import UsageError
@@ -154,13 +155,32 @@ def _last_params(run) -> dict[str, str]:
                                       if "=" in o)}
 
 
+def _setting(value: str) -> Any:
+    """A param or ``--set`` value as what it means, so that the ways of writing one value
+    compare equal: ``1e-2``, ``0.01`` and ``1.0e-2`` are one number (YAML 1.1 reads ``1e-2``
+    as a string, which a free-form task option keeps), ``100`` and ``100.0`` one count, ``True``
+    and ``true`` one boolean."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, bool):
+        return parsed
+    try:
+        return float(parsed) if isinstance(parsed, (str, int, float)) else parsed
+    except ValueError:
+        return parsed
+
+
 def _same_but_seed(a, b) -> bool:
-    """Whether two runs' resolved configs (their MLflow params) agree on every key both have,
+    """Whether two runs' resolved configs (their MLflow params, with their resumes'
+    overrides laid over them) agree on every key both have, as values rather than as written,
     the seed and bookkeeping aside (a key that only one has was added to the config later),
     and name the same task options (a config holds only the options it sets, so an option
     that one run names and the other does not makes another task, not a newer config)."""
-    pa, pb = _last_params(a), _last_params(b)
-    return (_task_options(a) == _task_options(b)
+    pa, pb = ({k: _setting(v) for k, v in _last_params(r).items()} for r in (a, b))
+    options = "task.options."
+    return ({k for k in pa if k.startswith(options)} == {k for k in pb if k.startswith(options)}
             and all(pa[k] == pb[k] for k in pa.keys() & pb.keys()
                     if not k.startswith(_BOOKKEEPING)))
 

@@ -581,30 +581,66 @@ def test_variant_label_takes_the_overrides_of_the_run_s_resumes():
     assert _variant(once, "maml") == "maml (halfcheetah-vel, task.options.reset_noise=rllab)"
 
 
+def _ant_vel_copy(tmp_path: Path, seed: int, edit=lambda meta: None):
+    """A copy of the exported ant-vel run (resumed from 100 to 240 iterations) under another
+    run id and seed, its run.yaml changed by ``edit``: a ReportRun for seed grouping."""
+    import yaml
+
+    from flows.report import ReportRun
+
+    source = ROOT / "docs" / "results" / "runs" / "0dedb1b4b46c4d8b9471b97f2840d3c6" / "run.yaml"
+    meta = yaml.safe_load(source.read_text(encoding="utf-8"))
+    meta["info"]["run_id"] = f"{seed:032x}"
+    meta["params"]["seed"] = str(seed)
+    edit(meta)
+    folder = tmp_path / meta["info"]["run_id"]
+    folder.mkdir()
+    (folder / "run.yaml").write_text(yaml.safe_dump(meta), encoding="utf-8")
+    return ReportRun(run=folder, family="ant-vel", method="maml", k_shot=None, summary=None)
+
+
 def test_seed_groups_compare_what_resumed_runs_last_trained_with(tmp_path):
     """Seed grouping reads a resume's ``--set`` overrides over the run's params (which keep
     its first segment's values): copies of the exported ant-vel run resumed to 240 iterations
     are seeds of it when they were resumed alike, and another task when one never was (it
     trained 100 iterations, as every copy's ``iterations`` param says)."""
-    import yaml
+    from flows.report import seed_groups
 
-    from flows.report import ReportRun, seed_groups
+    def never_resumed(meta):
+        meta["tags"] = {k: v for k, v in meta["tags"].items() if "resume" not in k}
 
-    source = ROOT / "docs" / "results" / "runs" / "0dedb1b4b46c4d8b9471b97f2840d3c6" / "run.yaml"
-
-    def copy(seed: int, resumed: bool) -> ReportRun:
-        meta = yaml.safe_load(source.read_text(encoding="utf-8"))
-        meta["info"]["run_id"] = f"{seed:032x}"
-        meta["params"]["seed"] = str(seed)
-        if not resumed:
-            meta["tags"] = {k: v for k, v in meta["tags"].items() if "resume" not in k}
-        folder = tmp_path / meta["info"]["run_id"]
-        folder.mkdir()
-        (folder / "run.yaml").write_text(yaml.safe_dump(meta), encoding="utf-8")
-        return ReportRun(run=folder, family="ant-vel", method="maml", k_shot=None,
-                         summary=None)
-
-    runs = [copy(0, True), copy(1, True), copy(2, False)]
+    runs = [_ant_vel_copy(tmp_path, 0), _ant_vel_copy(tmp_path, 1),
+            _ant_vel_copy(tmp_path, 2, never_resumed)]
     assert all(r.run.data.params["iterations"] == "100" for r in runs)
     (group,) = seed_groups(runs)
     assert [r.run.data.params["seed"] for r in group] == ["0", "1"]
+
+
+def test_seed_groups_compare_values_not_how_they_were_written(tmp_path):
+    """Runs whose step size was written ``0.1`` and ``1e-1`` (which YAML 1.1 reads as a
+    string) and whose task option was written ``true`` and ``True`` are seeds of one config;
+    a step size of ``0.2`` or ``--set inner.step_size=2e-1`` on a resume is another."""
+    from flows import tracking
+    from flows.report import seed_groups
+
+    def params(**changed):
+        def edit(meta):
+            meta["params"].update(changed)
+        return edit
+
+    def resumed_with(setting):
+        def edit(meta):
+            key = next(k for k in meta["tags"] if k.startswith(tracking.TAG_RESUME_COMMAND))
+            meta["tags"][key] += f" --set {setting}"
+        return edit
+
+    assert _ant_vel_copy(tmp_path, 9).run.data.params["inner.step_size"] == "0.1"
+    runs = [_ant_vel_copy(tmp_path, 0),
+            _ant_vel_copy(tmp_path, 1, params(**{"inner.step_size": "1e-1",
+                                                 "task.options.rllab_model": "True"})),
+            _ant_vel_copy(tmp_path, 2, params(**{"inner.step_size": "0.2"})),
+            _ant_vel_copy(tmp_path, 3, resumed_with("inner.step_size=2e-1")),
+            _ant_vel_copy(tmp_path, 4, resumed_with("inner.step_size=1.0e-1"))]
+    groups = seed_groups(runs)
+    assert [[r.run.data.params["seed"] for r in g] for g in groups] == [["0", "1", "4"],
+                                                                       ["2", "3"]]
