@@ -146,6 +146,7 @@ def _variant(run, method: str) -> str:
 
 # Params that do not change what a run learns: left out when runs are compared across seeds.
 _BOOKKEEPING = ("seed", "checkpoint_every", "pipeline.")
+_TASK_OPTIONS = "task.options."  # the params of a family's task options
 
 
 def _last_params(run) -> dict[str, str]:
@@ -179,8 +180,8 @@ def _same_but_seed(a, b) -> bool:
     and name the same task options (a config holds only the options it sets, so an option
     that one run names and the other does not makes another task, not a newer config)."""
     pa, pb = ({k: _setting(v) for k, v in _last_params(r).items()} for r in (a, b))
-    options = "task.options."
-    return ({k for k in pa if k.startswith(options)} == {k for k in pb if k.startswith(options)}
+    return ({k for k in pa if k.startswith(_TASK_OPTIONS)}
+            == {k for k in pb if k.startswith(_TASK_OPTIONS)}
             and all(pa[k] == pb[k] for k in pa.keys() & pb.keys()
                     if not k.startswith(_BOOKKEEPING)))
 
@@ -398,8 +399,8 @@ def _runs_list(runs: list[ReportRun]) -> list[str]:
 
 
 def _task_options(run) -> dict[str, str]:
-    prefix = "task.options."
-    return {k[len(prefix):]: v for k, v in run.data.params.items() if k.startswith(prefix)}
+    return {k[len(_TASK_OPTIONS):]: v for k, v in run.data.params.items()
+            if k.startswith(_TASK_OPTIONS)}
 
 
 def _options_note(runs: list[ReportRun]) -> list[str]:
