@@ -14,6 +14,10 @@ A ``--run`` may also be a folder written by ``maml export`` (``flows.runrecord``
 record as plain files, committed beside a report so that the report can be remade from any
 checkout. Given only such folders, the report reads nothing from the MLflow store.
 
+A meta-train run evaluated on the held-out tasks during training (``evaluation.every``)
+gets a table of those evaluations: the mean after each step at each meta-iteration evaluated
+at, with the training time and env steps spent before it (``evaluation_history``).
+
 Where a family describes each task by one number (``TaskFamily.task_coordinate``: the target
 velocity, the direction, navigation2d's goal distance), a per-task plot lays each run's
 ``evaluation/per_task.csv`` out along it. The held-out tasks behind it are rebuilt from the
@@ -50,6 +54,7 @@ KINDS = ("meta-train", "baseline")
 METHODS = ("maml", "pretrained", "random", "oracle")
 SUPERVISED_STEPS = (1, 10)  # the paper's sinusoid comparison: MSE after 1 and 10 steps
 CURVE_KEYS = ("pre_return", "post_return", "pre_mse", "post_mse", "val_score")
+EVAL_KEY = re.compile(r"eval_(return|mse)_step_(\d+)")  # tracking.eval_metrics' names
 MISSING = "—"
 NO_COMMAND = ("not recorded (started outside the `maml` command line, or before it recorded "
               "commands)")
@@ -317,6 +322,32 @@ def cost(report_run: ReportRun) -> dict[str, float | None]:
             "env_steps": steps}
 
 
+def evaluation_history(report_run: ReportRun) -> pd.DataFrame:
+    """The held-out evaluations a meta-train run recorded as it trained (every
+    ``evaluation.every`` meta-iterations, and the last one): one row per meta-iteration
+    evaluated at, with the mean return (or MSE) after each adaptation step (columns
+    ``step_K``), and the training time (sum of ``seconds_iteration``) and env steps (sum of
+    ``env_steps``) of the meta-iterations before it. Empty if the run recorded none."""
+    found = sorted((int(m[2]), k) for k in report_run.run.data.metrics
+                    if (m := EVAL_KEY.fullmatch(k)))
+    if not found:
+        return pd.DataFrame()
+    keys = [k for _, k in found]
+    history = report_run.run.history([*keys, "seconds_iteration", "env_steps"])
+    if history.empty:
+        return pd.DataFrame()
+    evaluated = history.dropna(subset=keys, how="all")
+    rows = []
+    for row in evaluated.itertuples(index=False):
+        before = history[history["iteration"] < row.iteration]
+        rows.append({"iteration": int(row.iteration),
+                     **{f"step_{step}": getattr(row, key) for step, key in found},
+                     **{name: float(before[key].sum()) if key in before else None
+                        for name, key in (("train_seconds", "seconds_iteration"),
+                                          ("env_steps", "env_steps"))}})
+    return pd.DataFrame(rows)
+
+
 def rl_table(family: str, runs: dict[str, ReportRun]) -> pd.DataFrame:
     """Mean return and 95% CI per method and step: ours (NaN where no run) next to the
     paper's (NaN where the paper has no row)."""
@@ -455,8 +486,33 @@ def _learning_curves(runs: list[ReportRun], family: str, out: Path) -> list[str]
             chosen = " Points: validation scores." + chosen
         lines += [f"Learning curve ({r.label}, run `{r.id}`): {what} before and after "
                   f"adaptation per meta-iteration.{chosen}", "", f"![learning curve]({name})",
-                  ""]
+                  "", *_evaluation_lines(r, what)]
     return lines
+
+
+def _evaluation_lines(report_run: ReportRun, what: str) -> list[str]:
+    """The run's held-out evaluations during training, as a table; none for fewer than two."""
+    table = evaluation_history(report_run)
+    if len(table) < 2:
+        return []
+    steps = [c for c in table.columns if c.startswith("step_")]
+    if what == "MSE":  # the steps the paper compares, after the unadapted one
+        steps = [c for c in steps if int(c[5:]) in (0, *SUPERVISED_STEPS)]
+    digits = 4 if what == "MSE" else 1
+    cost_columns = [c for c in ("train_seconds", "env_steps") if table[c].notna().any()]
+    rows = [[str(int(r["iteration"])), *(_fmt(r[c], digits) for c in steps),
+             *(_fmt(r[c], 1) if c == "train_seconds"
+               else MISSING if pd.isna(r[c]) else f"{int(r[c]):,}" for c in cost_columns)]
+            for _, r in table.iterrows()]
+    header = ["meta-iteration", *(f"{what} after {c[5:]} step{'s' * (c != 'step_1')}"
+                                  for c in steps),
+              *({"train_seconds": "training (s)", "env_steps": "env steps"}[c]
+                for c in cost_columns)]
+    return [f"Held-out evaluations during training ({report_run.label}, run "
+            f"`{report_run.id}`): mean {what} on the held-out tasks after k steps from the "
+            "initialization of that meta-iteration, and the training time"
+            + (" and env steps" if "env_steps" in cost_columns else "")
+            + " spent before it.", "", *_md_table(header, rows), ""]
 
 
 def _adaptation_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]:

@@ -644,3 +644,39 @@ def test_seed_groups_compare_values_not_how_they_were_written(tmp_path):
     groups = seed_groups(runs)
     assert [[r.run.data.params["seed"] for r in g] for g in groups] == [["0", "1", "4"],
                                                                        ["2", "3"]]
+
+
+def test_evaluation_history_sums_the_cost_before_each_evaluation(tmp_path):
+    """Held-out evaluations at meta-iterations 2 and 4 of a four-iteration run: each row holds
+    the returns after each step and the seconds and env steps of the iterations before it;
+    iteration 1, recorded twice (a retry), counts once, with its later value."""
+    import yaml
+
+    from flows.report import ReportRun, _evaluation_lines, evaluation_history
+
+    folder = tmp_path / ("ab" * 16)
+    folder.mkdir()
+    metrics = {"eval_return_step_0": -9.0, "eval_return_step_1": -4.0, "post_return": 1.0}
+    (folder / "run.yaml").write_text(yaml.safe_dump({
+        "format": 1, "info": {"run_id": "ab" * 16, "status": "FINISHED"},
+        "tags": {}, "params": {}, "metrics": metrics}), encoding="utf-8")
+    rows = [("seconds_iteration", 0, 1.0, 10), ("seconds_iteration", 1, 5.0, 20),
+            ("seconds_iteration", 1, 2.0, 30), ("seconds_iteration", 2, 3.0, 40),
+            ("seconds_iteration", 3, 4.0, 50)]
+    rows += [("env_steps", i, 100.0 * (i + 1), 10 * (i + 1)) for i in range(4)]
+    rows += [("eval_return_step_0", 2, -10.0, 35), ("eval_return_step_1", 2, -6.0, 35),
+             ("eval_return_step_0", 4, -9.0, 55), ("eval_return_step_1", 4, -4.0, 55)]
+    with (folder / "metrics.csv").open("w", encoding="utf-8") as f:
+        f.write("key,step,value,timestamp\n")
+        f.writelines(f"{k},{s},{v},{t}\n" for k, s, v, t in rows)
+    run = ReportRun(run=folder, family="navigation2d", method="maml", k_shot=None,
+                    summary=None)
+    table = evaluation_history(run)
+    assert table["iteration"].tolist() == [2, 4]
+    assert table["step_0"].tolist() == [-10.0, -9.0]
+    assert table["step_1"].tolist() == [-6.0, -4.0]
+    assert table["train_seconds"].tolist() == [1.0 + 2.0, 1.0 + 2.0 + 3.0 + 4.0]
+    assert table["env_steps"].tolist() == [100.0 + 200.0, 100.0 + 200.0 + 300.0 + 400.0]
+    lines = _evaluation_lines(run, "return")
+    assert "| 4 | -9.0 | -4.0 | 10.0 | 1,000 |" in lines
+    assert lines[2].startswith("| meta-iteration | return after 0 steps | return after 1 step |")
