@@ -327,7 +327,9 @@ def evaluation_history(report_run: ReportRun) -> pd.DataFrame:
     ``evaluation.every`` meta-iterations, and the last one): one row per meta-iteration
     evaluated at, with the mean return (or MSE) after each adaptation step (columns
     ``step_K``), and the training time (sum of ``seconds_iteration``) and env steps (sum of
-    ``env_steps``) of the meta-iterations before it. Empty if the run recorded none."""
+    ``env_steps``) of the meta-iterations before it (NaN where none was recorded). Empty if the
+    run recorded none. An evaluation whose every value is NaN cannot be told from none and is
+    left out."""
     found = sorted((int(m[2]), k) for k in report_run.run.data.metrics
                     if (m := EVAL_KEY.fullmatch(k)))
     if not found:
@@ -342,7 +344,7 @@ def evaluation_history(report_run: ReportRun) -> pd.DataFrame:
         before = history[history["iteration"] < row.iteration]
         rows.append({"iteration": int(row.iteration),
                      **{f"step_{step}": getattr(row, key) for step, key in found},
-                     **{name: float(before[key].sum()) if key in before else None
+                     **{name: float(before[key].sum(min_count=1)) if key in before else None
                         for name, key in (("train_seconds", "seconds_iteration"),
                                           ("env_steps", "env_steps"))}})
     return pd.DataFrame(rows)
@@ -508,11 +510,13 @@ def _evaluation_lines(report_run: ReportRun, what: str) -> list[str]:
                                   for c in steps),
               *({"train_seconds": "training (s)", "env_steps": "env steps"}[c]
                 for c in cost_columns)]
+    spent = [{"train_seconds": "training time (`seconds_iteration`)",
+              "env_steps": "env steps"}[c] for c in cost_columns]
     return [f"Held-out evaluations during training ({report_run.label}, run "
             f"`{report_run.id}`): mean {what} on the held-out tasks after k steps from the "
-            "initialization of that meta-iteration, and the training time"
-            + (" and env steps" if "env_steps" in cost_columns else "")
-            + " spent before it.", "", *_md_table(header, rows), ""]
+            "initialization of that meta-iteration"
+            + (f", and the {' and '.join(spent)} spent before it" if spent else "")
+            + ".", "", *_md_table(header, rows), ""]
 
 
 def _adaptation_plot(runs: list[ReportRun], family: str, out: Path) -> list[str]:

@@ -680,3 +680,23 @@ def test_evaluation_history_sums_the_cost_before_each_evaluation(tmp_path):
     lines = _evaluation_lines(run, "return")
     assert "| 4 | -9.0 | -4.0 | 10.0 | 1,000 |" in lines
     assert lines[2].startswith("| meta-iteration | return after 0 steps | return after 1 step |")
+    assert "and env steps spent before it." in lines[0]
+
+    # without any cost history: no cost columns, and the caption does not name them
+    with (folder / "metrics.csv").open("w", encoding="utf-8") as f:
+        f.write("key,step,value,timestamp\n")
+        f.writelines(f"{k},{s},{v},{t}\n" for k, s, v, t in rows if k.startswith("eval_"))
+    run = ReportRun(run=folder, family="navigation2d", method="maml", k_shot=None,
+                    summary=None)
+    assert evaluation_history(run)[["train_seconds", "env_steps"]].isna().all().all()
+    lines = _evaluation_lines(run, "return")
+    assert lines[2] == ("| meta-iteration | return after 0 steps | return after 1 step |")
+    assert "spent before it" not in lines[0] and "| 2 | -10.0 | -6.0 |" in lines
+
+    # one evaluation only (the final one): no table
+    with (folder / "metrics.csv").open("w", encoding="utf-8") as f:
+        f.write("key,step,value,timestamp\n")
+        f.writelines(f"{k},{s},{v},{t}\n" for k, s, v, t in rows if s != 2)
+    run = ReportRun(run=folder, family="navigation2d", method="maml", k_shot=None,
+                    summary=None)
+    assert len(evaluation_history(run)) == 1 and _evaluation_lines(run, "return") == []
