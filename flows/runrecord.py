@@ -50,6 +50,11 @@ TASKS_DIR = "tasks"  # under artifacts/: a copy of the held-out task file, if th
 METRIC_COLUMNS = ["key", "step", "value", "timestamp"]
 DATA = Path(__file__).resolve().parent.parent / "data"  # where a moved task file is looked for
 
+# Metrics must read back exactly as written: pandas 3 parses floats exactly by default (and
+# deprecates asking for it), pandas 2 only with float_precision="round_trip".
+_EXACT_FLOATS = ({} if int(pd.__version__.split(".")[0]) >= 3
+                 else {"float_precision": "round_trip"})
+
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -180,8 +185,8 @@ class ExportedRecord(RunRecord):
         """``metrics.csv``: every recorded value (empty if the run recorded none)."""
         if self._metrics is None:
             path = self.folder / METRICS_FILE
-            self._metrics = (pd.read_csv(path, dtype={"key": str},
-                                         float_precision="round_trip") if path.is_file()
+            self._metrics = (pd.read_csv(path, dtype={"key": str}, **_EXACT_FLOATS)
+                             if path.is_file()
                              else pd.DataFrame(columns=METRIC_COLUMNS))
         return self._metrics
 

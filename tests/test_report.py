@@ -700,3 +700,25 @@ def test_evaluation_history_sums_the_cost_before_each_evaluation(tmp_path):
     run = ReportRun(run=folder, family="navigation2d", method="maml", k_shot=None,
                     summary=None)
     assert len(evaluation_history(run)) == 1 and _evaluation_lines(run, "return") == []
+
+
+def test_an_export_reads_its_metrics_back_exactly(tmp_path):
+    """Values written with all their digits (``repr``) read back bit for bit from
+    ``metrics.csv``, whatever pandas' default float parser."""
+    import numpy as np
+    import yaml
+
+    from flows.runrecord import open_record
+
+    values = np.random.default_rng(0).standard_normal(2000) * np.exp(
+        np.random.default_rng(1).uniform(-40, 40, 2000))
+    folder = tmp_path / ("cd" * 16)
+    folder.mkdir()
+    (folder / "run.yaml").write_text(yaml.safe_dump({
+        "format": 1, "info": {"run_id": "cd" * 16}, "metrics": {"loss": float(values[-1])}}),
+        encoding="utf-8")
+    with (folder / "metrics.csv").open("w", encoding="utf-8") as f:
+        f.write("key,step,value,timestamp\n")
+        f.writelines(f"loss,{i},{float(v)!r},{i}\n" for i, v in enumerate(values))
+    history = open_record(folder).history(["loss"])
+    assert history["loss"].tolist() == values.tolist()
