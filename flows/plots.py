@@ -28,9 +28,12 @@ def paper_rows(family: str, path: Path = PAPER_RETURNS) -> pd.DataFrame:
     return table[table["task_family"] == family].reset_index(drop=True)
 
 
-def learning_curve(history: pd.DataFrame, title: str, selected: int | None = None):
+def learning_curve(history: pd.DataFrame, title: str, selected: int | None = None,
+                   evaluations: pd.DataFrame | None = None, paper: float | None = None):
     """Pre- and post-adaptation return (or MSE) per meta-iteration; with model selection, the
-    validation scores (``val_score``, RL) as points and the selected iteration as a line."""
+    validation scores (``val_score``, RL) as points and the selected iteration as a line.
+    RL only: ``evaluations`` (``report.evaluation_history``'s table) adds the held-out return
+    after one step at each meta-iteration evaluated at, and ``paper`` the paper's as a line."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for col, label in (("pre_return", "before adaptation"), ("post_return", "after adaptation"),
                        ("pre_mse", "before adaptation"), ("post_mse", "after adaptation")):
@@ -40,6 +43,12 @@ def learning_curve(history: pd.DataFrame, title: str, selected: int | None = Non
         points = history.dropna(subset=["val_score"])
         ax.plot(points["iteration"], points["val_score"], "o", ms=4, color="tab:green",
                 label="validation score")
+    rl = "post_return" in history
+    if rl and evaluations is not None and "step_1" in evaluations and len(evaluations):
+        ax.plot(evaluations["iteration"], evaluations["step_1"], "s", ms=4, color="tab:red",
+                label="held-out, after 1 step")
+    if rl and paper is not None:
+        ax.axhline(paper, color="tab:red", ls=":", lw=1.2, label="paper, after 1 step")
     if selected is not None:
         ax.axvline(selected, color="tab:gray", ls="--", lw=1,
                    label=f"selected model (iteration {selected})")

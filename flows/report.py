@@ -477,24 +477,35 @@ def _learning_curves(runs: list[ReportRun], family: str, out: Path) -> list[str]
         name = (f"{family}{'' if r.k_shot is None else f'-k{r.k_shot}'}{variant}"
                 "-learning-curve.png")
         selected = r.run.data.tags.get("maml.selected_iteration")
+        evaluations = evaluation_history(r)
+        paper = _row_at(plots.paper_rows(family).query("method == 'maml'"),
+                        "gradient_steps", 1)
+        paper = None if paper is None else float(paper["mean_return"])
         plots.save(plots.learning_curve(history, f"meta-training: {family} "
                                                  f"{'' if r.k_shot is None else r.label}"
                                         .strip() + f" (run {r.id[:8]})",
-                                        int(selected) if selected else None), out / name)
+                                        int(selected) if selected else None,
+                                        evaluations=evaluations, paper=paper), out / name)
         what = "MSE" if "pre_mse" in history else "return"
         chosen = (f" Dashed line: the model selected on validation tasks (iteration "
                   f"{selected})." if selected else "")
         if selected and "val_score" in history and "post_return" in history:
             chosen = " Points: validation scores." + chosen
+        if what == "return" and len(evaluations):
+            chosen += " Squares: the held-out return after one step, as evaluated in training."
+        if what == "return" and paper is not None:
+            chosen += " Dotted line: the paper's return after one step."
         lines += [f"Learning curve ({r.label}, run `{r.id}`): {what} before and after "
                   f"adaptation per meta-iteration.{chosen}", "", f"![learning curve]({name})",
-                  "", *_evaluation_lines(r, what)]
+                  "", *_evaluation_lines(r, what, evaluations)]
     return lines
 
 
-def _evaluation_lines(report_run: ReportRun, what: str) -> list[str]:
-    """The run's held-out evaluations during training, as a table; none for fewer than two."""
-    table = evaluation_history(report_run)
+def _evaluation_lines(report_run: ReportRun, what: str,
+                      table: pd.DataFrame | None = None) -> list[str]:
+    """The run's held-out evaluations during training (``evaluation_history``, or ``table``
+    where already read), as a table; none for fewer than two."""
+    table = evaluation_history(report_run) if table is None else table
     if len(table) < 2:
         return []
     steps = [c for c in table.columns if c.startswith("step_")]

@@ -163,6 +163,19 @@ def test_learning_curve_shows_validation_scores_and_the_selected_model():
     plain = plots.learning_curve(history.drop(columns="val_score"), "t").axes[0]
     assert {line.get_label() for line in plain.get_lines()} == {"before adaptation",
                                                                  "after adaptation"}
+    # held-out evaluations after one step as points, the paper's one-step return as a line
+    evaluations = pd.DataFrame({"iteration": [2, 4], "step_0": [-39.0, -37.0],
+                                "step_1": [-16.0, -11.0]})
+    shown = plots.learning_curve(history, "t", evaluations=evaluations, paper=-11.68).axes[0]
+    lines = {line.get_label(): line for line in shown.get_lines()}
+    held_out = lines["held-out, after 1 step"]
+    assert list(held_out.get_xdata()) == [2, 4] and list(held_out.get_ydata()) == [-16.0, -11.0]
+    assert list(lines["paper, after 1 step"].get_ydata()) == [-11.68, -11.68]
+    # not on an MSE curve
+    mse = history.rename(columns={"pre_return": "pre_mse", "post_return": "post_mse"})
+    mse_ax = plots.learning_curve(mse, "t", evaluations=evaluations, paper=1.0).axes[0]
+    assert {line.get_label() for line in mse_ax.get_lines()} == {"before adaptation",
+                                                                  "after adaptation"}
 
 
 def test_validation_leaves_training_as_it_is(selected_run):
