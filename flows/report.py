@@ -466,6 +466,8 @@ def _cost_lines(runs: list[ReportRun]) -> list[str]:
 
 def _learning_curves(runs: list[ReportRun], family: str, out: Path) -> list[str]:
     lines = []
+    paper = _row_at(plots.paper_rows(family).query("method == 'maml'"), "gradient_steps", 1)
+    paper = None if paper is None else float(paper["mean_return"])
     for r in runs:
         if r.base_method != "maml":
             continue
@@ -478,9 +480,6 @@ def _learning_curves(runs: list[ReportRun], family: str, out: Path) -> list[str]
                 "-learning-curve.png")
         selected = r.run.data.tags.get("maml.selected_iteration")
         evaluations = evaluation_history(r)
-        paper = _row_at(plots.paper_rows(family).query("method == 'maml'"),
-                        "gradient_steps", 1)
-        paper = None if paper is None else float(paper["mean_return"])
         plots.save(plots.learning_curve(history, f"meta-training: {family} "
                                                  f"{'' if r.k_shot is None else r.label}"
                                         .strip() + f" (run {r.id[:8]})",
@@ -501,6 +500,11 @@ def _learning_curves(runs: list[ReportRun], family: str, out: Path) -> list[str]
     return lines
 
 
+# evaluation_history's cost columns: their header, and how the caption names them
+_COST_NAMES = {"train_seconds": ("training (s)", "training time (`seconds_iteration`)"),
+               "env_steps": ("env steps", "env steps")}
+
+
 def _evaluation_lines(report_run: ReportRun, what: str,
                       table: pd.DataFrame | None = None) -> list[str]:
     """The run's held-out evaluations during training (``evaluation_history``, or ``table``
@@ -518,11 +522,8 @@ def _evaluation_lines(report_run: ReportRun, what: str,
                else MISSING if pd.isna(r[c]) else f"{int(r[c]):,}" for c in cost_columns)]
             for _, r in table.iterrows()]
     header = ["meta-iteration", *(f"{what} after {c[5:]} step{'s' * (c != 'step_1')}"
-                                  for c in steps),
-              *({"train_seconds": "training (s)", "env_steps": "env steps"}[c]
-                for c in cost_columns)]
-    spent = [{"train_seconds": "training time (`seconds_iteration`)",
-              "env_steps": "env steps"}[c] for c in cost_columns]
+                                  for c in steps), *(_COST_NAMES[c][0] for c in cost_columns)]
+    spent = [_COST_NAMES[c][1] for c in cost_columns]
     return [f"Held-out evaluations during training ({report_run.label}, run "
             f"`{report_run.id}`): mean {what} on the held-out tasks after k steps from the "
             "initialization of that meta-iteration"
