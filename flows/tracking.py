@@ -387,8 +387,8 @@ def start_run(cfg: TrackingConfig | None = None, run_name: str | None = None,
 
     Tags: git commit (``mlflow.source.git.commit`` and ``maml.git_commit``) when known,
     ``maml.command`` (a new run, inside ``recording_command``), ``prefect.flow_run_id`` if
-    given, ``maml.parent_model_version`` (``models:/name/version``, aliases resolved to the
-    version they point to now) when warm-started, plus ``tags``."""
+    given, ``maml.parent_model_version`` (see ``parent_model_uri``) when warm-started, plus
+    ``tags``."""
     cfg = cfg or active_config()
     experiment_id = cfg.experiment_id
     client = cfg.client()
@@ -400,8 +400,8 @@ def start_run(cfg: TrackingConfig | None = None, run_name: str | None = None,
     if flow_run_id:
         all_tags[TAG_FLOW_RUN_ID] = str(flow_run_id)
     if parent_model_version is not None:
-        parent = resolve_model_version(parent_model_version, cfg.registered_model_name)
-        all_tags[TAG_PARENT_VERSION] = _version_uri(parent)
+        all_tags[TAG_PARENT_VERSION] = parent_model_uri(parent_model_version,
+                                                        cfg.registered_model_name)
     if _COMMAND and not resume_run_id:
         all_tags[TAG_COMMAND] = _COMMAND
     all_tags.update(tags or {})
@@ -935,7 +935,7 @@ def log_policy_model(run_id: str, learner: Any = None, registered_model_name: st
     data = st_save(tensors)
     parent = parent_version if parent_version is not None else \
         run.data.tags.get(TAG_PARENT_VERSION)
-    parent_uri = _version_uri(resolve_model_version(parent, name)) if parent else None
+    parent_uri = parent_model_uri(parent, name) if parent else None
     manifest = {"format_version": FORMAT_VERSION, "architecture": arch,
                 "dtype": str(first.dtype).removeprefix("torch."),
                 "discrete": bool(getattr(policy, "discrete", False)),
@@ -1032,6 +1032,49 @@ def _run_model_id(run_id: str) -> str:
     return max(outputs, key=lambda o: o.step).model_id
 
 
+def _model_ref_kind(ref: str) -> str:
+    """How a model reference string is read: ``"version"`` (the registry: ``models:/NAME/VERSION``,
+    ``models:/NAME@ALIAS``, ``alias:...``, a version number, ``NAME/VERSION``, ``NAME@ALIAS``),
+    ``"run"`` (a run id or ``runs:/RUN_ID``: the run's last logged model), ``"logged"``
+    (``models:/<logged model id>``), ``"path"`` (a local model directory: one that exists, or
+    any absolute path) or ``"unknown"`` (another URI scheme)."""
+    local = None if re.match(r"^[a-z]+:", ref) else Path(ref).expanduser()
+    registry = ref.startswith("alias:") or re.fullmatch(r"v?\d+", ref) or (
+        ref.startswith("models:/") and not ref.startswith("models:/m-"))
+    name_ref = local is not None and not local.exists() and not local.is_absolute() \
+        and not _RUN_ID.fullmatch(ref)  # NAME/VERSION, NAME@ALIAS
+    if registry or name_ref:
+        return "version"
+    if _RUN_ID.fullmatch(ref) or ref.startswith("runs:/"):
+        return "run"
+    if ref.startswith("models:/m-"):
+        return "logged"
+    return "path" if local is not None else "unknown"
+
+
+def _run_id_of(ref: str) -> str:
+    """The run id of a ``"run"`` reference (``RUN_ID`` or ``runs:/RUN_ID[/...]``)."""
+    return ref[len("runs:/"):].strip("/").split("/")[0] if ref.startswith("runs:/") else ref
+
+
+def parent_model_uri(model_ref: Any, registered_model_name: str | None = None) -> str:
+    """How lineage names the model a run was warm-started from: ``models:/NAME/VERSION`` for a
+    registered version (an alias resolved to the version it points to now),
+    ``models:/<logged model id>`` for a run's or a logged model, and the absolute path of a
+    model directory (e.g. an exported run's ``model/``)."""
+    if isinstance(model_ref, ModelVersion):
+        return _version_uri(model_ref)
+    ref = str(model_ref).strip()
+    kind = _model_ref_kind(ref)
+    if kind == "run":
+        return f"models:/{_run_model_id(_run_id_of(ref))}"
+    if kind == "logged":
+        return ref
+    if kind == "path":
+        return str(Path(ref).expanduser().resolve())
+    return _version_uri(resolve_model_version(ref, registered_model_name))
+
+
 def load_policy(model_ref: Any) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict, dict]:
     """``(policy, params, config, info)`` from a model reference (see
     ``resolve_model_version``), a run id (its last logged policy), ``runs:/RUN_ID``,
@@ -1040,28 +1083,25 @@ def load_policy(model_ref: Any) -> tuple[torch.nn.Module, dict[str, torch.Tensor
     holds all meta-parameters (``step_size.*`` too, for Meta-SGD)."""
     info: dict[str, Any] = {"ref": str(model_ref)}
     ref = str(model_ref).strip()
-    local = Path(ref).expanduser() if not re.match(r"^[a-z]+:", ref) else None
+    kind = "version" if isinstance(model_ref, ModelVersion) else _model_ref_kind(ref)
+    local = Path(ref).expanduser()
     with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(model_ref, ModelVersion) or ref.startswith("alias:") or (
-                ref.startswith("models:/") and not ref.startswith("models:/m-")) or (
-                re.fullmatch(r"v?\d+", ref)) or (
-                local is not None and not local.exists() and not _RUN_ID.fullmatch(ref)):
+        if kind == "version":
             mv = resolve_model_version(model_ref)
             info.update(name=mv.name, version=int(mv.version), run_id=mv.run_id,
                         model_id=_model_id_of(mv),
                         aliases=list(mv.aliases or []), uri=_version_uri(mv))
             directory = _download(f"{_version_uri(mv)}/artifacts", tmp)
-        elif _RUN_ID.fullmatch(ref) or ref.startswith("runs:/"):
-            run_id = ref[len("runs:/"):].strip("/").split("/")[0] if ref.startswith("runs:/") \
-                else ref
+        elif kind == "run":
+            run_id = _run_id_of(ref)
             model_id = _run_model_id(run_id)
             info.update(run_id=run_id, model_id=model_id, uri=f"models:/{model_id}")
             directory = _download_logged_model(model_id, tmp)
-        elif ref.startswith("models:/m-"):
+        elif kind == "logged":
             model_id = ref[len("models:/"):].strip("/")
             info.update(model_id=model_id, uri=ref)
             directory = _download_logged_model(model_id, tmp)
-        elif local is not None and local.is_dir():
+        elif kind == "path" and local.is_dir():
             info.update(uri=str(local.resolve()))
             directory = local
         else:
@@ -1132,7 +1172,11 @@ def lineage(model_ref: Any, max_depth: int = 100) -> list[dict[str, Any]]:
             (run.data.tags.get(TAG_PARENT_VERSION) if run is not None else None)
         chain.append(entry)
         mv = None
-        if parent:
+        if parent and _model_ref_kind(parent) != "version":
+            # warm-started from a logged model or a model directory: outside the registry
+            entry["parent"] = parent
+            chain.append({"model": parent, "external": True})
+        elif parent:
             try:
                 mv = resolve_model_version(parent, entry["name"])
                 entry["parent"] = _version_uri(mv)
@@ -1150,6 +1194,10 @@ def format_lineage(chain: list[dict[str, Any]]) -> str:
     for i, e in enumerate(chain):
         if e.get("missing"):
             lines.append(f"{e['model']}  (no longer in the registry)")
+            continue
+        if e.get("external"):
+            lines.append(f"{e['model']}  (not a registered version: a logged model or a model "
+                         "directory)")
             continue
         head = e["model"]
         if e.get("aliases"):
@@ -1177,7 +1225,8 @@ def format_lineage(chain: list[dict[str, Any]]) -> str:
                                     break_on_hyphens=False)
             lines.append(f"  config    {wrapped[0]}")
             lines.extend(f"            {w}" for w in wrapped[1:])
-        if parent_entry and not parent_entry.get("missing") and params:
+        if parent_entry and not parent_entry.get("missing") \
+                and not parent_entry.get("external") and params:
             old = parent_entry.get("params") or {}
             changed = [f"{k}: {old.get(k, '<unset>')} -> {params.get(k, '<unset>')}"
                        for k in sorted(set(old) | set(params)) if old.get(k) != params.get(k)]

@@ -182,11 +182,9 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
     store = StageStore(store_root(), run_id, writer, sync=config.pipeline.store_sync)
     store.ensure_writable()
     learner = MetaLearner(config)
-    parent_version = None
-    if init_model and not resume:
-        _, params, _, info = tracking.load_policy(init_model)
+    if init_model and not resume:  # its lineage: the run's tag, set by start_run
+        _, params, _, _ = tracking.load_policy(init_model)
         learner.load_model_params(params, f"model {init_model!r}")
-        parent_version = info.get("version")
     if resume:
         store.remove_leftovers()  # temporaries of interrupted writes, half-pruned folders
         ckpt = latest_checkpoint(store.checkpoint_dir)
@@ -296,7 +294,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
     version = None
     if config.pipeline.register_model:
         version = tracking.log_policy_model(run_id, learner, tcfg.registered_model_name,
-                                            iteration=selected, parent_version=parent_version)
+                                            iteration=selected)
     tracking.end_run(run_id)
     learner.close()
     return {"run_id": run_id, "iterations": learner.iteration, "selected_iteration": selected,

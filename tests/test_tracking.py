@@ -367,3 +367,31 @@ def test_lineage_accepts_plain_version_parent_tag(exp, learner):
     assert [e["version"] for e in chain] == [int(v2.version), int(v1.version)]
     assert chain[0]["parent"] == f"models:/{name}/{v1.version}"
     assert v2.tags["maml.parent_model_version"] == f"models:/{name}/{v1.version}"
+
+
+def test_warm_start_from_run_or_model_directory_is_traced(exp, learner, tmp_path):
+    """``--init-model`` also takes a run id or a model directory (an exported run's
+    ``model/``): the child's lineage names that logged model or directory, where the chain
+    leaves the registry, instead of failing to resolve it as a registered version."""
+    name = "lineage-external"
+    source = tracking.start_run(exp, "source")
+    tracking.log_policy_model(source, learner, name)
+    model_dir = tracking.download_run_model(source, str(tmp_path))
+
+    for ref, expected in [(source, None), (str(model_dir), str(model_dir.resolve()))]:
+        child = tracking.start_run(exp, "child", parent_model_version=ref)
+        v = tracking.log_policy_model(child, learner, name)
+        parent = exp.client().get_run(child).data.tags["maml.parent_model_version"]
+        if expected is None:  # a run id: its last logged model, models:/<logged model id>
+            assert parent.startswith("models:/m-")
+            assert parent == tracking.load_policy(source)[3]["uri"]
+        else:
+            assert parent == expected
+        assert v.tags["maml.parent_model_version"] == parent
+        chain = tracking.lineage(f"models:/{name}/{v.version}")
+        assert chain[0]["parent"] == parent
+        assert chain[1] == {"model": parent, "external": True}
+        text = tracking.format_lineage(chain)
+        assert f"warm-started from {parent}" in text
+        assert "not a registered version" in text and "no longer in the registry" not in text
+        assert "changed" not in text  # no params to compare against outside the registry
