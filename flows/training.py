@@ -220,6 +220,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
     curve = None
     wall: list[float] = []  # per iteration, stage store and MLflow logging included
     failure: BaseException | None = None
+    interrupted = False  # Ctrl-C or a termination signal: stopped, not failed
     try:
         ctx.scale_out = scale_out.open_collector(config, learner)  # None: local runner
         while learner.iteration < total:
@@ -269,6 +270,9 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
     except Exception as exc:
         failure = exc
         raise
+    except BaseException:
+        interrupted = True
+        raise
     finally:
         bar.close()
         try:
@@ -285,6 +289,8 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
         finally:
             if failure is not None:
                 record_failure(run_id, failure)
+            elif interrupted:
+                record_interruption(run_id, learner.iteration)
     selected = _load_selected(ctx, run_id, selection) if validation is not None else None
     if curve is None or selected not in (None, learner.iteration):
         curve = stages["evaluate"](ctx, learner.iteration if selected is None else selected,
@@ -314,6 +320,19 @@ def record_failure(run_id: str, exc: BaseException) -> None:
                                    f"{' '.join(str(exc).split())}"})
         tracking.end_run(run_id, "FAILED")
     except Exception:  # the original error matters more
+        pass
+
+
+def record_interruption(run_id: str, iteration: int) -> None:
+    """Mark the MLflow run KILLED, with where it stopped as a tag, when training is interrupted
+    (Ctrl-C, SIGTERM): not left RUNNING for ever (best effort). ``maml train --resume`` reopens
+    it from its last checkpoint."""
+    try:
+        tracking.set_tags(run_id, {"maml.interrupted": f"interrupted after {iteration} "
+                                   f"meta-iterations; resume with `maml train --resume "
+                                   f"{run_id}`"})
+        tracking.end_run(run_id, "KILLED")
+    except Exception:  # the interrupt matters more
         pass
 
 

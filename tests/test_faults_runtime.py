@@ -94,6 +94,8 @@ class FaultyLineEnv(TaskVectorEnv):
             time.sleep(SLOW["step_seconds"])
         if self.fault == "raise" and self.t == 5:
             raise RuntimeError("simulated simulator crash")
+        if self.fault == "interrupt" and self.t == 5:
+            raise KeyboardInterrupt  # as Ctrl-C would, in the middle of a collection
         actions = torch.as_tensor(actions, dtype=self.dtype).reshape(self.num_envs, 1)
         self.position = self.position + actions.clamp(-0.2, 0.2)
         reward = -(self.position[:, 0] - self.goal).abs()
@@ -259,6 +261,35 @@ def test_permanent_env_fault_fails_clearly_and_resumes(reference):
     resumed = meta_train(resume=run_id)
     assert resumed["iterations"] == 4
     _assert_same(_params(run_dir / "checkpoints"),
+                 _params(store_root() / reference["run_id"] / "checkpoints"))
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    for key in ("pre_return", "post_return", "meta_loss"):
+        assert sorted(_history(run_id, key)) == [0, 1, 2, 3], key
+
+
+def test_interrupted_run_is_marked_killed_and_resumes(reference):
+    """Ctrl-C in the middle of an iteration: the run is KILLED in MLflow (not left RUNNING),
+    tagged with where it stopped; the iterations finished before it keep their metrics, and
+    the resumed run equals the uninterrupted one."""
+    from mlflow import MlflowClient
+
+    from flows.training import meta_train, store_root
+
+    arm("interrupt", [3], "pre")
+    before = _run_dirs()
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(config_data=faulty_config(4), run_name="faults-interrupted")
+    (run_id,) = _run_dirs() - before
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["maml.interrupted"] == (
+        f"interrupted after 3 meta-iterations; resume with `maml train --resume {run_id}`")
+    assert sorted(_history(run_id, "pre_return")) == [0, 1, 2]
+    _no_partial_files(store_root() / run_id)
+
+    resumed = meta_train(resume=run_id)
+    assert resumed["iterations"] == 4
+    _assert_same(_params(store_root() / run_id / "checkpoints"),
                  _params(store_root() / reference["run_id"] / "checkpoints"))
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     for key in ("pre_return", "post_return", "meta_loss"):
