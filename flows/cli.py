@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"maml {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted; resume with `maml train --resume RUN_ID`", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        run_id = getattr(exc, "maml_run_id", None) or "RUN_ID"
+        print(f"interrupted; resume with `maml train --resume {run_id}`", file=sys.stderr)
         return 130
 
 

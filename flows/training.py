@@ -270,8 +270,9 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
     except Exception as exc:
         failure = exc
         raise
-    except BaseException:
+    except BaseException as exc:
         interrupted = True
+        exc.maml_run_id = run_id  # for the command line's "resume with ..." hint
         raise
     finally:
         bar.close()

@@ -277,9 +277,10 @@ def test_interrupted_run_is_marked_killed_and_resumes(reference):
 
     arm("interrupt", [3], "pre")
     before = _run_dirs()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         meta_train(config_data=faulty_config(4), run_name="faults-interrupted")
     (run_id,) = _run_dirs() - before
+    assert info.value.maml_run_id == run_id  # what `maml train` names in its resume hint
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "KILLED"
     assert run.data.tags["maml.interrupted"] == (
