@@ -133,10 +133,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"maml {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt as exc:
+    except BaseException as exc:
+        from prefect.exceptions import TerminationSignal
+
+        if not isinstance(exc, KeyboardInterrupt | TerminationSignal):
+            raise
         run_id = getattr(exc, "maml_run_id", None) or "RUN_ID"
         print(f"interrupted; resume with `maml train --resume {run_id}`", file=sys.stderr)
-        return 130
+        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signal
 
 
 def command_line(argv: list[str] | None = None) -> str:

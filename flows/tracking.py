@@ -1039,15 +1039,16 @@ def _model_ref_kind(ref: str) -> str:
     (``models:/<logged model id>``), ``"path"`` (a local model directory: one that exists, or
     any absolute path) or ``"unknown"`` (another URI scheme)."""
     local = None if re.match(r"^[a-z]+:", ref) else Path(ref).expanduser()
+    logged = re.fullmatch(r"models:/m-[0-9a-f]{32}/?", ref)  # a registered name may start m-
     registry = ref.startswith("alias:") or re.fullmatch(r"v?\d+", ref) or (
-        ref.startswith("models:/") and not ref.startswith("models:/m-"))
+        ref.startswith("models:/") and not logged)
     name_ref = local is not None and not local.exists() and not local.is_absolute() \
         and not _RUN_ID.fullmatch(ref)  # NAME/VERSION, NAME@ALIAS
     if registry or name_ref:
         return "version"
     if _RUN_ID.fullmatch(ref) or ref.startswith("runs:/"):
         return "run"
-    if ref.startswith("models:/m-"):
+    if logged:
         return "logged"
     return "path" if local is not None else "unknown"
 
@@ -1071,7 +1072,11 @@ def parent_model_uri(model_ref: Any, registered_model_name: str | None = None) -
     if kind == "logged":
         return ref
     if kind == "path":
-        return str(Path(ref).expanduser().resolve())
+        local = Path(ref).expanduser().resolve()
+        if not local.is_dir():
+            raise TrackingError(f"model directory {ref!r} does not exist (or is not a "
+                                "directory)")
+        return str(local)
     return _version_uri(resolve_model_version(ref, registered_model_name))
 
 

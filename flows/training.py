@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -219,8 +220,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                desc=f"meta-train {config.task.family}", unit="it", dynamic_ncols=True)
     curve = None
     wall: list[float] = []  # per iteration, stage store and MLflow logging included
-    failure: BaseException | None = None
-    interrupted = False  # Ctrl-C or a termination signal: stopped, not failed
+    stopped: BaseException | None = None  # an error, or an interrupt (Ctrl-C, SIGTERM)
     try:
         ctx.scale_out = scale_out.open_collector(config, learner)  # None: local runner
         while learner.iteration < total:
@@ -267,14 +267,11 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             bar.set_postfix(_postfix(stats), refresh=False)
             bar.update(1)
             wall.append(time.perf_counter() - started)
-    except Exception as exc:
-        failure = exc
-        raise
     except BaseException as exc:
-        interrupted = True
-        exc.maml_run_id = run_id  # for the command line's "resume with ..." hint
+        stopped = exc
         raise
     finally:
+        failure = stopped if isinstance(stopped, Exception) else None
         bar.close()
         try:
             try:
@@ -288,27 +285,42 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                     store.sync()
                 writer.close()
         finally:
-            if failure is not None:
-                record_failure(run_id, failure)
-            elif interrupted:
-                record_interruption(run_id, learner.iteration)
-    selected = _load_selected(ctx, run_id, selection) if validation is not None else None
-    if curve is None or selected not in (None, learner.iteration):
-        curve = stages["evaluate"](ctx, learner.iteration if selected is None else selected,
-                                   held_out)
-    summary = summary_table(curve)
-    _log_outputs(run_id, learner, config, curve, summary, held_out, selected)
-    version = None
-    if config.pipeline.register_model:
-        version = tracking.log_policy_model(run_id, learner, tcfg.registered_model_name,
-                                            iteration=selected)
-    tracking.end_run(run_id)
+            if stopped is not None:
+                record_stop(run_id, stopped, learner.iteration)
+    try:  # the final evaluation and the model: an error or interrupt here is recorded too
+        selected = _load_selected(ctx, run_id, selection) if validation is not None else None
+        if curve is None or selected not in (None, learner.iteration):
+            curve = stages["evaluate"](ctx, learner.iteration if selected is None else selected,
+                                       held_out)
+        summary = summary_table(curve)
+        _log_outputs(run_id, learner, config, curve, summary, held_out, selected)
+        version = None
+        if config.pipeline.register_model:
+            version = tracking.log_policy_model(run_id, learner, tcfg.registered_model_name,
+                                                iteration=selected)
+        tracking.end_run(run_id)
+    except BaseException as exc:
+        record_stop(run_id, exc, learner.iteration)
+        raise
     learner.close()
     return {"run_id": run_id, "iterations": learner.iteration, "selected_iteration": selected,
             "summary": summary.to_dict(orient="records"),
             "model_version": getattr(version, "version", None),
             "registered_model": tcfg.registered_model_name, "store": str(store.run_dir),
             "iteration_seconds": wall}
+
+
+def record_stop(run_id: str, exc: BaseException, iteration: int) -> None:
+    """Record on the MLflow run why it stopped before its end: an error marks it FAILED
+    (``record_failure``), an interrupt (Ctrl-C, a termination signal) KILLED
+    (``record_interruption``). The run id rides on the exception, for the resume hint of
+    ``maml train``."""
+    with contextlib.suppress(AttributeError):
+        exc.maml_run_id = run_id
+    if isinstance(exc, Exception):
+        record_failure(run_id, exc)
+    else:
+        record_interruption(run_id, iteration)
 
 
 def record_failure(run_id: str, exc: BaseException) -> None:
