@@ -133,14 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"maml {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except BaseException as exc:
-        from prefect.exceptions import TerminationSignal
-
-        if not isinstance(exc, KeyboardInterrupt | TerminationSignal):
-            raise
+    except KeyboardInterrupt as exc:  # (on SIGTERM Prefect re-kills the process itself)
         run_id = getattr(exc, "maml_run_id", None) or "RUN_ID"
         print(f"interrupted; resume with `maml train --resume {run_id}`", file=sys.stderr)
-        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signal
+        return 130
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -396,6 +396,6 @@ def test_warm_start_from_run_or_model_directory_is_traced(exp, learner, tmp_path
         assert "not a registered version" in text and "no longer in the registry" not in text
         assert "changed" not in text  # no params to compare against outside the registry
     runs = len(exp.client().search_runs([exp.experiment_id]))
-    with pytest.raises(tracking.TrackingError, match="model directory .* does not exist"):
+    with pytest.raises(tracking.TrackingError, match=r"model directory .* does not exist"):
         tracking.start_run(exp, "child", parent_model_version=str(tmp_path / "gone"))
     assert len(exp.client().search_runs([exp.experiment_id])) == runs  # no run left behind
