@@ -907,14 +907,13 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 def log_policy_model(run_id: str, learner: Any = None, registered_model_name: str | None = None,
                      *, policy: Any = None, params: Mapping[str, torch.Tensor] | None = None,
-                     config: Any = None, iteration: int | None = None,
-                     parent_version: Any = None) -> ModelVersion:
+                     config: Any = None, iteration: int | None = None) -> ModelVersion:
     """Log the policy as a models-from-code pyfunc model of run ``run_id`` and register it.
 
     Give a ``MetaLearner`` (its policy, meta-parameters, config and iteration are used) or
     ``policy``, ``params`` and ``config``. The model version gets the tags ``maml.run_id``,
-    ``maml.iteration`` and, if warm-started (``parent_version``, else the run's tag
-    ``maml.parent_model_version``), ``maml.parent_model_version``."""
+    ``maml.iteration`` and, if warm-started (the run's tag ``maml.parent_model_version``, set
+    by ``start_run``), ``maml.parent_model_version``."""
     if learner is not None:
         policy = learner.policy if policy is None else policy
         params = learner.meta_params if params is None else params
@@ -933,8 +932,7 @@ def log_policy_model(run_id: str, learner: Any = None, registered_model_name: st
     arch = policy.architecture()
     first = tensors[next(k for k, _ in policy.named_parameters())]
     data = st_save(tensors)
-    parent = parent_version if parent_version is not None else \
-        run.data.tags.get(TAG_PARENT_VERSION)
+    parent = run.data.tags.get(TAG_PARENT_VERSION)
     parent_uri = parent_model_uri(parent, name) if parent else None
     manifest = {"format_version": FORMAT_VERSION, "architecture": arch,
                 "dtype": str(first.dtype).removeprefix("torch."),
