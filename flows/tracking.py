@@ -933,7 +933,10 @@ def log_policy_model(run_id: str, learner: Any = None, registered_model_name: st
     first = tensors[next(k for k, _ in policy.named_parameters())]
     data = st_save(tensors)
     parent = run.data.tags.get(TAG_PARENT_VERSION)
-    parent_uri = parent_model_uri(parent, name) if parent else None
+    # a registry reference is normalized (a bare version number, an alias); a logged model or
+    # directory was resolved by start_run, and the directory may be gone since: kept as recorded
+    parent_uri = parent if parent and _model_ref_kind(parent) != "version" else \
+        parent_model_uri(parent, name) if parent else None
     manifest = {"format_version": FORMAT_VERSION, "architecture": arch,
                 "dtype": str(first.dtype).removeprefix("torch."),
                 "discrete": bool(getattr(policy, "discrete", False)),

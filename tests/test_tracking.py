@@ -395,6 +395,12 @@ def test_warm_start_from_run_or_model_directory_is_traced(exp, learner, tmp_path
         assert f"warm-started from {parent}" in text
         assert "not a registered version" in text and "no longer in the registry" not in text
         assert "changed" not in text  # no params to compare against outside the registry
+    # the directory may be moved or deleted while the child trains: it still registers
+    child = tracking.start_run(exp, "child", parent_model_version=str(model_dir))
+    moved = model_dir.rename(tmp_path / "moved")
+    v = tracking.log_policy_model(child, learner, name)
+    assert v.tags["maml.parent_model_version"] == str(model_dir.resolve())
+    moved.rename(model_dir)
     runs = len(exp.client().search_runs([exp.experiment_id]))
     with pytest.raises(tracking.TrackingError, match=r"model directory .* does not exist"):
         tracking.start_run(exp, "child", parent_model_version=str(tmp_path / "gone"))
