@@ -4,15 +4,69 @@ stage, ui, lineage."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from flows.settings import configure_environment
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # as a shell reports a process stopped by the signal
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's or a container's stop), raised like Ctrl-C.
+
+    Inside a flow run Prefect's own handler turns the signal into its ``TerminationSignal``
+    (the training marks its run KILLED), then restores the handler it found, ours, and sends the
+    signal again; ours raises this, so that the process ends through Python's exit: the resume
+    command is printed, and the temporary Prefect server the process started is stopped by its
+    exit hook instead of being left running. Without it the second signal kills the process."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises ``Terminated`` in the main thread while this is open (elsewhere no
+    change, as signal handlers belong to the main thread; nor where SIGTERM is ignored, or
+    handled outside Python). Once it has fired, SIGTERM is ignored until the process exits, so
+    that a second one does not cut short the exit it asked for (SIGKILL still ends it)."""
+    fired = False
+
+    def handler(signum, frame):
+        nonlocal fired
+        fired = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(f"signal {signum}")
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        current = signal.getsignal(signal.SIGTERM)
+        if current is not None and current is not signal.SIG_IGN:
+            previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        if previous is not None and not fired:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped_run_id(exc: BaseException) -> str | None:
+    """The run id ``flows.training.record_stop`` put on the interrupt, found also when a later
+    exception (``Terminated`` raised inside Prefect's handling of the first signal) replaced
+    it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "maml_run_id", None):
+            return exc.maml_run_id
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,17 +180,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # every MLflow run this command starts is tagged maml.command = this command line
-        with tracking.recording_command(command_line(argv)):
+        with _sigterm_raises(), tracking.recording_command(command_line(argv)):
             return COMMANDS[args.command](args)
     except USER_ERRORS as exc:
         if args.verbose:
             raise
         print(f"maml {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt as exc:  # (on SIGTERM Prefect re-kills the process itself)
-        run_id = getattr(exc, "maml_run_id", None) or "RUN_ID"
-        print(f"interrupted; resume with `maml train --resume {run_id}`", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (``Terminated``)
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        run_id = _stopped_run_id(exc)
+        hint = f"; resume with `maml train --resume {run_id}`" if run_id else ""
+        print(f"maml {args.command}: {what}{hint}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import select
 import signal
 import subprocess
@@ -178,6 +179,7 @@ def subprocess_env(pipeline):
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.active_config().tracking_uri,
                PYTHONUNBUFFERED="1")
     env.pop("MAML_KILL_AT", None)
+    env.pop("MAML_KILL_SIGNAL", None)
     api_url = PREFECT_API_URL.value()
     if api_url:
         env["PREFECT_API_URL"] = api_url
@@ -308,3 +310,60 @@ def test_resume_after_sigkill(point, reference, forkserver):
     _assert_mlflow_run(run_id, reference["run_id"], run_dir)
     print(f"{point}: killed after {killed - started:.1f} s, resumed in {resumed - killed:.1f} "
           f"s, checked in {time.perf_counter() - resumed:.1f} s")
+
+
+@pytest.mark.parametrize("sig, code, word", [("TERM", 143, "terminated"),
+                                              ("INT", 130, "interrupted")])
+def test_signal_is_recorded_and_leaves_nothing_running(sig, code, word, reference,
+                                                       subprocess_env, tmp_path):
+    """SIGTERM (``kill``, a scheduler's stop) or SIGINT (Ctrl-C) at the end of iteration 1 of
+    ``maml train``, run as a command in a session of its own that starts its own temporary
+    Prefect server (no ``PREFECT_API_URL``), as on a fresh machine: the command prints the
+    resume command with the run id and exits 128 + the signal; the run is KILLED with where it
+    stopped; nothing the process started (the Prefect server above all) is left running; the
+    resume equals the uninterrupted run."""
+    from mlflow import MlflowClient
+
+    from flows.cli import main
+
+    env = dict(subprocess_env, MAML_KILL_AT="iteration:1:end", MAML_KILL_SIGNAL=sig)
+    env.pop("PREFECT_API_URL", None)
+    argv = [sys.executable, "-m", "flows.cli", "train", CONFIG]
+    for o in OVERRIDES:
+        argv += ["--set", o]
+    err = tmp_path / "stderr"
+    with err.open("wb") as out:
+        # (SIGINT back to its default: a job started in the background inherits it ignored)
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=out, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        returned = proc.wait(SUBPROCESS_TIMEOUT)
+        left = True
+        try:
+            os.killpg(proc.pid, 0)  # anything still in the command's process group?
+        except ProcessLookupError:
+            left = False
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = err.read_text(errors="replace")
+    assert returned == code, stderr[-3000:]
+    found = re.search(rf"maml train: {word}; resume with `maml train --resume "
+                      r"([0-9a-f]{32})`", stderr)
+    assert found, stderr[-3000:]
+    assert not left, "a process of the terminated command outlived it"
+    run_id = found.group(1)
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["maml.interrupted"] == (
+        f"interrupted after 2 meta-iterations; resume with `maml train --resume {run_id}`")
+
+    assert main(["--verbose", "train", "--resume", run_id]) == 0
+    params, optim = _load_params(run_id)
+    ref_params, ref_optim = _load_params(reference["run_id"])
+    for mine, ref in ((params, ref_params), (optim, ref_optim)):
+        assert mine.keys() == ref.keys()
+        for k in mine:
+            assert torch.equal(mine[k], ref[k]), k
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
