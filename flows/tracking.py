@@ -101,6 +101,12 @@ TAG_COMMAND = "maml.command"
 # the command line that resumed it (same suffix).
 TAG_RESUMED_AT = "maml.resumed_at_"
 TAG_RESUME_COMMAND = "maml.resume_command_"
+# Why a training stopped before its end (``flows.training.record_stop``); on resume the reason
+# moves to ``TAG_STOPPED`` + the resume's unix seconds, so that a finished run carries no stale
+# failure, and its history stays readable.
+TAG_FAILURE = "maml.failure"
+TAG_INTERRUPTED = "maml.interrupted"
+TAG_STOPPED = "maml.stopped_"
 
 _LOG = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -597,6 +603,26 @@ def eval_metrics(summary: pd.DataFrame) -> dict[str, float]:
     name = "eval_return" if value == "mean_return" else "eval_mse"
     return {f"{name}_step_{int(r.step)}": float(getattr(r, value))
             for r in summary.itertuples()}
+
+
+def record_resume(run_id: str, iteration: int, now: int | None = None) -> None:
+    """Tag run ``run_id`` as resumed at ``iteration`` (``TAG_RESUMED_AT``, ``TAG_RESUME_COMMAND``)
+    and move a failure or interruption tag left by the stop to ``TAG_STOPPED``, same suffix."""
+    now = int(time.time()) if now is None else now
+    client = _client()
+    tags = client.get_run(run_id).data.tags
+    stops = {k: tags[k] for k in (TAG_FAILURE, TAG_INTERRUPTED) if k in tags}
+    new = {f"{TAG_RESUMED_AT}{now}": str(iteration), f"{TAG_RESUME_COMMAND}{now}":
+           current_command()}
+    if stops:
+        new[f"{TAG_STOPPED}{now}"] = "; ".join(stops.values())
+    _set_tags(client, run_id, new)
+    try:  # only tidying: a server that refuses it does not stop the resume
+        for key in stops:
+            client.delete_tag(run_id, key)
+    except Exception as exc:
+        _LOG.warning("could not remove the tag(s) %s of run %s: %s", ", ".join(stops), run_id,
+                     " ".join(str(exc).split()))
 
 
 def resumes(tags: Mapping[str, str]) -> list[tuple[int, int, str | None]]:

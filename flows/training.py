@@ -193,10 +193,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             learner.restore(ckpt)
             # its artifact upload may be what the crash interrupted (idempotent)
             mlflow_writer.submit(tracking.log_checkpoint, run_id, ckpt)
-        now = int(time.time())
-        tracking.set_tags(run_id, {f"{tracking.TAG_RESUMED_AT}{now}": str(learner.iteration),
-                                   f"{tracking.TAG_RESUME_COMMAND}{now}":
-                                   tracking.current_command()})
+        tracking.record_resume(run_id, learner.iteration)
     else:
         store.save_config(config.model_dump(mode="json"))
         tracking.log_params(run_id, config.model_dump(mode="json"))
@@ -329,7 +326,7 @@ def record_failure(run_id: str, exc: BaseException) -> None:
     if isinstance(exc, ServiceUnavailableError):
         return
     try:
-        tracking.set_tags(run_id, {"maml.failure": f"{type(exc).__name__}: "
+        tracking.set_tags(run_id, {tracking.TAG_FAILURE: f"{type(exc).__name__}: "
                                    f"{' '.join(str(exc).split())}"})
         tracking.end_run(run_id, "FAILED")
     except Exception:  # the original error matters more
@@ -341,7 +338,7 @@ def record_interruption(run_id: str, iteration: int) -> None:
     (Ctrl-C, SIGTERM): not left RUNNING for ever (best effort). ``maml train --resume`` reopens
     it from its last checkpoint."""
     try:
-        tracking.set_tags(run_id, {"maml.interrupted": f"interrupted after {iteration} "
+        tracking.set_tags(run_id, {tracking.TAG_INTERRUPTED: f"interrupted after {iteration} "
                                    f"meta-iterations; resume with `maml train --resume "
                                    f"{run_id}`"})
         tracking.end_run(run_id, "KILLED")

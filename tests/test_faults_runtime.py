@@ -263,8 +263,23 @@ def test_permanent_env_fault_fails_clearly_and_resumes(reference):
     _assert_same(_params(run_dir / "checkpoints"),
                  _params(store_root() / reference["run_id"] / "checkpoints"))
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    _assert_stop_moved(run_id, "maml.failure",
+                       "RolloutError: rollout collection failed at iteration 3, phase 'post'")
     for key in ("pre_return", "post_return", "meta_loss"):
         assert sorted(_history(run_id, key)) == [0, 1, 2, 3], key
+
+
+def _assert_stop_moved(run_id: str, tag: str, text: str) -> None:
+    """After the resume, the stop's tag is gone from the finished run and kept, under the
+    resume's time, as ``maml.stopped_<unix seconds>``."""
+    from mlflow import MlflowClient
+
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tag not in tags
+    (resumed,) = [k for k in tags if k.startswith("maml.resumed_at_")]
+    stopped = {k: v for k, v in tags.items() if k.startswith("maml.stopped_")}
+    assert list(stopped) == ["maml.stopped_" + resumed.rpartition("_")[2]]
+    assert next(iter(stopped.values())).startswith(text)
 
 
 def test_interrupted_run_is_marked_killed_and_resumes(reference):
@@ -293,6 +308,7 @@ def test_interrupted_run_is_marked_killed_and_resumes(reference):
     _assert_same(_params(store_root() / run_id / "checkpoints"),
                  _params(store_root() / reference["run_id"] / "checkpoints"))
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    _assert_stop_moved(run_id, "maml.interrupted", "interrupted after 3 meta-iterations")
     for key in ("pre_return", "post_return", "meta_loss"):
         assert sorted(_history(run_id, key)) == [0, 1, 2, 3], key
 
