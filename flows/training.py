@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 from prefect import flow, runtime
+from prefect.exceptions import TerminationSignal
 from tqdm.auto import tqdm
 
 from flows import plots, scale_out, tracking
@@ -25,6 +28,10 @@ from maml_core.evaluation import selection_score
 from maml_core.faults import fault_point
 from maml_core.trainer import MetaLearner, summary_table
 
+_LOG = logging.getLogger(__name__)
+# How long an interrupted training (Ctrl-C, SIGTERM) waits for MLflow, for its last metrics and
+# then for marking its run KILLED, before it lets the process end.
+INTERRUPT_GRACE_SECONDS = 10.0
 ITERATION_METRICS = ("pre_return", "post_return", "pre_mse", "post_mse", "meta_loss",
                      "meta_loss_after", "kl", "grad_norm", "line_search_steps", "rejected",
                      "rejected_in_a_row", "env_steps", "memory_resident_mb",
@@ -274,6 +281,12 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             try:
                 if isinstance(failure, ServiceUnavailableError):
                     mlflow_writer.close(abandon=True)  # MLflow is gone: do not wait again
+                elif stopped is not None and failure is None:  # Ctrl-C, SIGTERM: brief wait
+                    with contextlib.suppress(Exception):  # (the interrupt matters more)
+                        metric_buffer.flush()
+                    # What MLflow has not taken by then, the resume replays: everything
+                    # since the last checkpoint is redone.
+                    mlflow_writer.close(grace=INTERRUPT_GRACE_SECONDS)
                 else:
                     metric_buffer.flush()
                     mlflow_writer.close()
@@ -333,17 +346,37 @@ def record_failure(run_id: str, exc: BaseException) -> None:
         pass
 
 
-def record_interruption(run_id: str, iteration: int) -> None:
+def record_interruption(run_id: str, iteration: int,
+                        wait: float = INTERRUPT_GRACE_SECONDS) -> None:
     """Mark the MLflow run KILLED, with where it stopped as a tag, when training is interrupted
-    (Ctrl-C, SIGTERM): not left RUNNING for ever (best effort). ``maml train --resume`` reopens
-    it from its last checkpoint."""
+    (Ctrl-C, SIGTERM): not left RUNNING for ever. Best effort, and brief: an MLflow server that
+    does not answer within ``wait`` seconds (or a second Ctrl-C) is not waited for, as the user
+    asked to stop. ``maml train --resume`` reopens the run from its last checkpoint either way."""
+    done = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def mark() -> None:
+        try:
+            tracking.set_tags(run_id, {tracking.TAG_INTERRUPTED: f"interrupted after "
+                                       f"{iteration} meta-iterations; resume with "
+                                       f"`maml train --resume {run_id}`"})
+            tracking.end_run(run_id, "KILLED")
+            outcome.append(None)
+        except Exception as exc:  # the interrupt matters more: reported below
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=mark, name="maml-record-interruption", daemon=True).start()
     try:
-        tracking.set_tags(run_id, {tracking.TAG_INTERRUPTED: f"interrupted after {iteration} "
-                                   f"meta-iterations; resume with `maml train --resume "
-                                   f"{run_id}`"})
-        tracking.end_run(run_id, "KILLED")
-    except Exception:  # the interrupt matters more
+        done.wait(wait)
+    except (KeyboardInterrupt, TerminationSignal):  # a second Ctrl-C or SIGTERM: stop waiting
         pass
+    if not outcome or outcome[0] is not None:
+        why = (f"MLflow did not answer within {wait:g} s" if not outcome
+               else f"{type(outcome[0]).__name__}: {' '.join(str(outcome[0]).split())}")
+        _LOG.warning("the MLflow run %s could not be marked KILLED (%s); it shows RUNNING "
+                     "until `maml train --resume %s`", run_id, why, run_id)
 
 
 def _rl_iteration(ctx: PipelineContext, stages: dict, it: int, state: dict,

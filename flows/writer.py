@@ -140,9 +140,30 @@ class BackgroundWriter:
             error, self._error = self._error, None
             raise error
 
-    def close(self, abandon: bool = False) -> None:
+    def close(self, abandon: bool = False, grace: float | None = None) -> None:
         """Drain and stop the thread; with ``abandon``, drop what is still queued and stop
-        retrying (errors of the dropped calls are not raised)."""
+        retrying (errors of the dropped calls are not raised).
+
+        With ``grace`` (seconds), for a process on its way out (Ctrl-C, SIGTERM): wait that long
+        at most for what is queued, and no longer than that for a call blocked in the service;
+        what is left then is dropped and the thread (a daemon) left behind. A second interrupt
+        during the wait only ends the wait (another exception ends it too, and is raised after
+        the thread is told to stop). Errors are logged, not raised, with ``grace``."""
+        if grace is not None:
+            written = False
+            try:
+                written = self._wait_idle(grace)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                if not written:
+                    self._abandon.set()
+                self._queue.put(_STOP)
+            if written:
+                self._thread.join()
+            if self._error is not None:
+                _LOG.warning("a write to %s failed: %s", self.service, _one_line(self._error))
+            return
         if abandon:
             self._abandon.set()
             self._queue.join()
@@ -152,6 +173,17 @@ class BackgroundWriter:
         finally:
             self._queue.put(_STOP)
             self._thread.join()
+
+    def _wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until every submitted call has returned; whether they did."""
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(left)
+        return True
 
 
 def _one_line(exc: BaseException) -> str:

@@ -576,6 +576,55 @@ def test_outage_longer_than_allowed_stops_the_run_and_it_resumes(use_server, ref
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_interrupt_while_mlflow_hangs_stops_promptly_and_resumes(use_server, reference,
+                                                                 monkeypatch):
+    """Ctrl-C while the MLflow server hangs (stopped by SIGSTOP: it takes connections and never
+    answers), with 300 s allowed for an outage: training does not wait out the allowance for
+    its last metrics or for marking the run (``INTERRUPT_GRACE_SECONDS`` for each); the
+    interrupt names the run. The server is then restarted (what it had queued is lost) and the
+    resume ends where an uninterrupted run does, with every metric step recorded once."""
+    from mlflow import MlflowClient
+
+    from flows import training
+    from flows.training import INTERRUPT_GRACE_SECONDS, meta_train, store_root
+
+    server = use_server
+
+    def stage(name: str) -> None:  # the server hangs after the checkpoint at 2; Ctrl-C in 3
+        if name == "iteration:1:end":
+            os.killpg(server.proc.pid, signal.SIGSTOP)
+        elif name == "iteration:2:end":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "fault_point", stage)
+    before = _run_dirs()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            meta_train(config_data=faulty_config(4, mlflow_outage_seconds=300),
+                       run_name="interrupted-in-outage")
+        took = time.monotonic() - started
+    finally:
+        monkeypatch.setattr(training, "fault_point", lambda name: None)
+        server.stop(kill=True)  # (SIGKILL ends a stopped process too)
+        server.start()
+    (run_id,) = _run_dirs() - before
+    assert info.value.maml_run_id == run_id
+    # 2 x 10 s of grace and 3 iterations of this toy task, far from the 300 s allowed
+    assert took < 6 * INTERRUPT_GRACE_SECONDS, took
+    client = MlflowClient(server.uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # it could not be marked KILLED
+
+    resumed = meta_train(resume=run_id)
+    assert resumed["iterations"] == 4
+    _assert_same(_params(store_root() / run_id / "checkpoints"),
+                 _params(store_root() / reference["run_id"] / "checkpoints"))
+    for key in ("pre_return", "post_return", "meta_loss", "rejected"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == [0, 1, 2, 3], (key, sorted(steps))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def _latest_iteration(run_dir: Path) -> int:
     base = run_dir / "iterations"
     done = [int(p.name) for p in base.iterdir() if p.name.isdigit()
