@@ -605,10 +605,10 @@ def eval_metrics(summary: pd.DataFrame) -> dict[str, float]:
             for r in summary.itertuples()}
 
 
-def record_resume(run_id: str, iteration: int, now: int | None = None) -> None:
+def record_resume(run_id: str, iteration: int) -> None:
     """Tag run ``run_id`` as resumed at ``iteration`` (``TAG_RESUMED_AT``, ``TAG_RESUME_COMMAND``)
     and move a failure or interruption tag left by the stop to ``TAG_STOPPED``, same suffix."""
-    now = int(time.time()) if now is None else now
+    now = int(time.time())
     client = _client()
     tags = client.get_run(run_id).data.tags
     stops = {k: tags[k] for k in (TAG_FAILURE, TAG_INTERRUPTED) if k in tags}

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from flows import plots, scale_out, tracking
 from flows.config import RunConfig, load_run_config
+from flows.errors import one_line
 from flows.settings import deprioritize_local_server, maml_home
 from flows.stages import PipelineContext, configured, learner_state
 from flows.store import StageStore
@@ -374,7 +375,7 @@ def record_interruption(run_id: str, iteration: int,
         pass
     if not outcome or outcome[0] is not None:
         why = (f"MLflow did not answer within {wait:g} s" if not outcome
-               else f"{type(outcome[0]).__name__}: {' '.join(str(outcome[0]).split())}")
+               else f"{type(outcome[0]).__name__}: {one_line(outcome[0])}")
         _LOG.warning("the MLflow run %s could not be marked KILLED (%s); it shows RUNNING "
                      "until `maml train --resume %s`", run_id, why, run_id)
 
