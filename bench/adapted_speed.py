@@ -16,6 +16,11 @@ its torso's displacement over each step; either can differ from this mean of ins
 velocities by about 0.1 m/s over an episode.
 
     .venv/bin/python bench/adapted_speed.py RUN_ID|EXPORT_FOLDER [--steps K]
+        [--set KEY=VALUE ...] [--tasks FILE]
+
+``--set`` changes the protocol as ``maml evaluate --set`` does (e.g. ``inner.step_size=0.3``:
+does a longer step move the speed toward the target?; ``task.family=ant-vel`` with ``--tasks
+data/ant-vel_test_tasks.csv``: what an ant-dir model's steps do on ant-vel's reward).
 
 Last line of stdout: JSON with the per-task table and, per step, the mean |velocity - target|
 and the fastest mean velocity over tasks.
@@ -35,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flows import tracking
 from flows.errors import USER_ERRORS
-from flows.evaluation import load_model
+from flows.evaluation import evaluation_tasks, load_model
 from flows.runrecord import held_out_task_table, is_export, open_record
 from maml_core.tasks.base import TASK_ID
 
@@ -44,13 +49,15 @@ from maml_core.tasks.base import TASK_ID
 FORWARD_VELOCITY = {"halfcheetah-vel": 8, "halfcheetah-dir": 8, "ant-vel": 13, "ant-dir": 13}
 
 
-def speeds(run_ref: str, steps: int | None = None) -> tuple[str, pd.DataFrame]:
+def speeds(run_ref: str, steps: int | None = None, overrides: list[str] | None = None,
+           tasks_path: str | None = None) -> tuple[str, pd.DataFrame]:
     """The task coordinate's name and, per held-out task and adaptation step, its value, the
-    mean forward velocity and the return (the run's evaluation protocol). ``run_ref``: an
-    MLflow run id or a folder written by ``maml export``."""
+    mean forward velocity and the return (the run's evaluation protocol, changed by
+    ``overrides`` as ``maml evaluate --set`` changes it; on the tasks at ``tasks_path`` if
+    given). ``run_ref``: an MLflow run id or a folder written by ``maml export``."""
     try:
         record = open_record(run_ref)
-        learner, _ = load_model(run_ref)
+        learner, info = load_model(run_ref, overrides)
     except USER_ERRORS as exc:
         raise SystemExit(f"run {run_ref}: {exc}") from None
     family = learner.config.task.family
@@ -59,7 +66,14 @@ def speeds(run_ref: str, steps: int | None = None) -> tuple[str, pd.DataFrame]:
         raise SystemExit(f"run {run_ref} is a {family} run; this script measures the "
                          f"half-cheetah and the ant ({', '.join(FORWARD_VELOCITY)})")
     index = FORWARD_VELOCITY[family]
-    tasks, family_or_why = held_out_task_table(record)
+    if overrides or tasks_path:
+        try:
+            tasks, family_or_why = evaluation_tasks(learner, info, tasks_path), learner.family
+        except USER_ERRORS as exc:
+            learner.close()
+            raise SystemExit(f"run {run_ref}: {exc}") from None
+    else:
+        tasks, family_or_why = held_out_task_table(record)
     if tasks is None:
         learner.close()
         raise SystemExit(f"run {run_ref}: its held-out tasks cannot be rebuilt: "
@@ -90,10 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                         "or its folder written by `maml export`")
     parser.add_argument("--steps", type=int, default=None,
                         help="adaptation steps (default: the run's evaluation.steps)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="change the evaluation protocol, as `maml "
+                        "evaluate --set` does (e.g. inner.step_size=0.3)")
+    parser.add_argument("--tasks", default=None, help="task set (CSV/parquet) instead of the "
+                        "run's held-out tasks")
     args = parser.parse_args(argv)
     if not is_export(args.run_id):
         tracking.load_tracking_config().setup()
-    coordinate, curve = speeds(args.run_id, args.steps)
+    coordinate, curve = speeds(args.run_id, args.steps, args.overrides or None, args.tasks)
     table = curve.pivot_table(index=[TASK_ID, coordinate], columns="step",
                               values="velocity_reached").sort_index(level=1)
     table.columns = [f"v after {s}" for s in table.columns]
@@ -106,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         if coordinate == "velocity":
             by_step[int(step)]["mean_abs_velocity_error"] = round(float(
                 (rows["velocity_reached"] - rows[coordinate]).abs().mean()), 3)
+            # does the robot's speed follow the target at all (1: in step with it)?
+            by_step[int(step)]["velocity_target_correlation"] = round(float(
+                np.corrcoef(rows["velocity_reached"], rows[coordinate])[0, 1]), 3)
     for step, figures in by_step.items():
         print(f"after {step} step(s): " + ", ".join(f"{k} {v}" for k, v in figures.items()))
-    print(json.dumps({"run_id": args.run_id, "coordinate": coordinate, "by_step": by_step,
+    print(json.dumps({"run_id": args.run_id, "overrides": args.overrides,
+                      "coordinate": coordinate, "by_step": by_step,
                       "per_task": curve.round(4).to_dict(orient="records")}))
     return 0
 

@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=3, help="adaptation steps (default 3)")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--episodes", type=int, default=None, help="episodes per task and step")
+    e.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="evaluate under a changed protocol: override a key "
+                   "of the model's recorded config (task.*, inner.step_size, evaluation.*, "
+                   "episodes_per_task, gamma, gae_lambda, normalize_advantages, k_shot, device, "
+                   "dtype; repeatable), e.g. inner.step_size=0.2, or task.family=ant-vel with "
+                   "--tasks data/ant-vel_test_tasks.csv for an ant-dir model")
 
     b = sub.add_parser("baseline", help="a baseline of the paper (random, pretrained, oracle) "
                        "evaluated like MAML")
@@ -320,8 +326,11 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from flows.evaluation import check_evaluation_inputs, evaluate_model
 
-    check_evaluation_inputs(args.model, args.tasks, args.steps, args.seed, args.episodes)
-    result = evaluate_model(args.model, args.tasks, args.steps, args.seed, args.episodes)
+    overrides = args.overrides or None
+    check_evaluation_inputs(args.model, args.tasks, args.steps, args.seed, args.episodes,
+                            overrides)
+    result = evaluate_model(args.model, args.tasks, args.steps, args.seed, args.episodes,
+                            overrides=overrides)
     _print_summary(result)
     if result.get("selected_iteration") is not None:
         print(f"\nModel: the one after iteration {result['selected_iteration']} of "

@@ -135,6 +135,10 @@ def _claims_64(manifest, tensors):
     manifest["architecture"]["hidden_sizes"] = [64, 64]  # tensors stay [8, 8]
 
 
+def _meta_sgd(manifest, tensors):
+    manifest["config"]["inner"]["learn_step_size"] = True
+
+
 def _architecture_32(manifest, tensors):
     manifest["architecture"]["hidden_sizes"] = [32, 32]  # config and tensors say [8, 8]
 
@@ -263,6 +267,32 @@ CASES = [
      "--episodes"),
     ("evaluate-steps-not-int", lambda e: ["evaluate", e.ckpt, "--steps", "two"],
      "argument --steps: invalid int value: 'two'"),
+    # ---------------------------------------------------------------- evaluate --set
+    ("evaluate-set-policy", lambda e: ["evaluate", e.ckpt, "--set", "policy.hidden_sizes=[4]"],
+     "--set policy.hidden_sizes: an evaluation cannot change it (the policy's network is the "
+     "model's)"),
+    ("evaluate-set-training-key", lambda e: ["evaluate", e.ckpt, "--set", "meta_batch_size=3"],
+     "--set meta_batch_size: an evaluation cannot change it (it configures training"),
+    ("evaluate-set-not-key-value", lambda e: ["evaluate", e.ckpt, "--set", "inner.step_size"],
+     "must look like key=value"),
+    ("evaluate-set-negative-step", lambda e: ["evaluate", e.ckpt, "--set",
+                                              "inner.step_size=-1"],
+     "inner.step_size: Input should be greater than 0"),
+    ("evaluate-set-unknown-family", lambda e: ["evaluate", e.ckpt, "--set", "task.family=nope"],
+     "unknown task family 'nope'"),
+    ("evaluate-set-family-other-sizes", lambda e: ["evaluate", e.ckpt, "--set",
+                                                   "task.family=halfcheetah-vel"],
+     "does not fit the task it gives"),
+    ("evaluate-set-family-without-tasks", lambda e: [
+        "evaluate", str(ROOT / "docs/results/runs/1a8c0542f68f4449b130e8bc119f86d1"), "--set",
+        "task.family=ant-vel"], "the model's held-out tasks are another family's; give "
+     "ant-vel's with --tasks FILE"),
+    ("evaluate-set-family-options", lambda e: [
+        "evaluate", str(ROOT / "docs/results/runs/1a8c0542f68f4449b130e8bc119f86d1"), "--set",
+        "task.family=navigation2d"], "replace them whole"),
+    ("evaluate-set-step-meta-sgd", lambda e: [
+        "evaluate", e.ckpt_copy(_meta_sgd), "--set", "inner.step_size=0.2"],
+     "learned its own step sizes (Meta-SGD"),
     # ---------------------------------------------------------------- checkpoints
     ("ckpt-wrong-shapes", lambda e: ["evaluate", e.ckpt_copy(_shrink_first_layer)],
      "has shape (4,"),
