@@ -42,10 +42,12 @@ import yaml
 from flows import plots, tracking
 from flows.errors import UsageError
 from flows.runrecord import (
+    MODEL_DIR,
     ExportedRecord,
     RunRecord,
     exports_only,
     held_out_task_table,
+    is_export,
     open_record,
 )
 from maml_core.tasks.base import TASK_ID, get_task_family
@@ -109,6 +111,9 @@ def _method(run) -> str:
     return "maml" if tags.get("maml.kind") == "meta-train" else tags.get("maml.method", "?")
 
 
+_FAMILY_TAG = "maml.task_family"  # set by `maml train` and `maml baseline`
+
+
 def _words(command: str | None) -> list[str]:
     try:
         return shlex.split(command or "")
@@ -138,9 +143,28 @@ def _command_parts(run) -> list[str]:
     settings = {o.split("=", 1)[0]: o for o in [*_overrides(words), *_resume_overrides(run)]}
     parts = [Path(w).stem for w in words if w.endswith((".yaml", ".yml"))][:1]
     parts += list(settings.values())
-    parts += [f"{flag[2:]}={value}" for flag, value in itertools.pairwise(words)
+    parts += [f"{flag[2:]}={value}" + (_other_family(value, run) if flag == "--init-model"
+                                         else "")
+              for flag, value in itertools.pairwise(words)
               if flag in ("--pretrain-iterations", "--init-model")]
     return parts
+
+
+def _other_family(init_model: str, run) -> str:
+    """`` (an ant-dir model)`` where ``init_model`` is an exported run (its folder or its
+    ``model/``) of another task family than ``run``'s: a warm start across families, which
+    the path alone does not tell; empty otherwise."""
+    folder = Path(init_model)
+    folder = folder.parent if folder.name == MODEL_DIR else folder
+    if not is_export(folder):
+        return ""
+    try:
+        family = ExportedRecord(folder).data.tags.get(_FAMILY_TAG)
+    except UsageError:
+        return ""
+    if not family or family == run.data.tags.get(_FAMILY_TAG):
+        return ""
+    return f" ({'an' if family[0] in 'aeiou' else 'a'} {family} model)"
 
 
 def _variant(run, method: str) -> str:
@@ -207,7 +231,7 @@ def seed_groups(runs: list[ReportRun]) -> list[list[ReportRun]]:
 
 
 def _slot(run) -> tuple[str, str, int | None]:
-    family = run.data.tags.get("maml.task_family", "?")
+    family = run.data.tags.get(_FAMILY_TAG, "?")
     k = run.data.params.get("k_shot")
     k_shot = int(k) if _supervised(family) and k is not None and k.isdigit() else None
     return family, _method(run), k_shot

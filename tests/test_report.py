@@ -581,6 +581,35 @@ def test_variant_label_takes_the_overrides_of_the_run_s_resumes():
     assert _variant(once, "maml") == "maml (halfcheetah-vel, task.options.reset_noise=rllab)"
 
 
+def test_variant_label_names_the_family_of_a_warm_start_from_another_family(tmp_path):
+    """A warm start from an exported model of the same family is labelled by its path alone;
+    one from another family's exported model (an ant-dir model for ant-vel) says so."""
+    import shutil
+
+    import yaml
+
+    from flows import tracking
+    from flows.report import _variant
+    from flows.runrecord import open_record
+
+    runs = ROOT / "docs" / "results" / "runs"
+    same = open_record(runs / "2a6b0684842d4c0f8bf72a3373cd5daa")  # from ant-vel's 0dedb1b4
+    assert _variant(same, "maml").endswith(
+        "init-model=docs/results/runs/0dedb1b4b46c4d8b9471b97f2840d3c6/model)")
+    ant_dir = runs / "1a8c0542f68f4449b130e8bc119f86d1"
+    assert open_record(ant_dir).data.tags["maml.task_family"] == "ant-dir"
+    copy = tmp_path / "2a6b0684842d4c0f8bf72a3373cd5daa"
+    shutil.copytree(runs / "2a6b0684842d4c0f8bf72a3373cd5daa", copy,
+                    ignore=shutil.ignore_patterns("model", "artifacts"))
+    meta = yaml.safe_load((copy / "run.yaml").read_text())
+    for init in (ant_dir / "model", ant_dir):  # the model folder or the export's folder
+        meta["tags"][tracking.TAG_COMMAND] = (
+            f"maml train configs/ant-vel-fast.yaml --set iterations=400 --init-model {init}")
+        (copy / "run.yaml").write_text(yaml.safe_dump(meta))
+        assert _variant(open_record(copy), "maml") == (
+            f"maml (ant-vel-fast, iterations=400, init-model={init} (an ant-dir model))")
+
+
 def _ant_vel_copy(tmp_path: Path, seed: int, edit=lambda meta: None):
     """A copy of the exported ant-vel run (resumed from 100 to 240 iterations) under another
     run id and seed, its run.yaml changed by ``edit``: a ReportRun for seed grouping."""
