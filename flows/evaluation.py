@@ -58,7 +58,7 @@ def _learner_for(config: object, source: str, architecture: object = None,
         run_config = load_run_config(data=config)
     except ConfigError as exc:
         raise CheckpointError(f"{source} records an unusable config: {exc}") from None
-    parsed = dict(check_evaluation_overrides(overrides))
+    parsed = dict(parse_overrides(overrides))  # checked by load_model before any loading
     if parsed:
         effective = list(overrides)
         if ("task.family" in parsed and parsed["task.family"] != run_config.task.family
@@ -119,8 +119,6 @@ def load_model(model_ref: str, overrides: list[str] | None = None) -> tuple[Meta
                              "exported; export it again once it has, or evaluate another run")
     check_evaluation_overrides(overrides)
     learner, info = _load_learner(model_ref, path, export, overrides)
-    if overrides:
-        info["overrides"] = list(overrides)
     if export is not None:
         info.setdefault("run_id", export.info.run_id)
     return learner, info
@@ -195,7 +193,6 @@ def check_evaluation_inputs(model_ref: str, tasks_path: str | None = None, steps
                                           or not isinstance(episodes_per_task, int)
                                           or episodes_per_task < 1):
         raise UsageError(f"--episodes must be an integer >= 1, got {episodes_per_task!r}")
-    check_evaluation_overrides(overrides)
     learner, info = load_model(model_ref, overrides)
     try:
         evaluation_tasks(learner, info, tasks_path)
