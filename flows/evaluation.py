@@ -172,7 +172,7 @@ def evaluation_tasks(learner: MetaLearner, info: dict, tasks_path: str | None = 
     if tasks_path:
         return load_task_set(tasks_path, learner.family)
     task = learner.config.task
-    if task.test_tasks is None and info.get("recorded_family"):
+    if info.get("recorded_family"):  # set only where the family changed and no tasks were named
         suggestion = Path("data") / f"{task.family}_test_tasks.csv"
         example = f" (e.g. {suggestion})" if suggestion.is_file() else ""
         raise UsageError(f"--set task.family={task.family}: the model's held-out tasks are "
