@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from flows import plots, tracking
 from flows.config import RunConfig, load_run_config
 from flows.errors import UsageError
+from flows.settings import deprioritize_local_server
 from flows.stages import stage_options, stage_task
 from flows.training import MetricBuffer, record_failure
 from flows.writer import BackgroundWriter
@@ -141,6 +142,7 @@ def baseline(config_path: str | None = None, method: str = "random",
     the summary (mean and 95% CI per step), ``train_seconds`` and ``env_steps``."""
     config = check_baseline_inputs(config_path, method, overrides, pretrain_iterations,
                                    config_data)
+    deprioritize_local_server()
     family = config.task.family
     iterations = (pretrain_iterations or config.iterations) if method == "pretrained" else 0
     if progress is None:

@@ -12,6 +12,7 @@ from flows.config import load_run_config
 from flows.errors import UsageError
 from flows.policy_model import PolicyFileError, find_policy_files
 from flows.runrecord import MODEL_DIR, ExportedRecord, is_export
+from flows.settings import deprioritize_local_server
 from maml_core.checkpoint import CheckpointError, load_checkpoint
 from maml_core.config import ConfigError, parse_overrides
 from maml_core.tasksets import load_task_set
@@ -221,6 +222,7 @@ def evaluate_model(model_ref: str, tasks_path: str | None = None, steps: int = 3
     (``EVALUATION_KEYS``), e.g. its inner step size or its task family."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise UsageError(f"steps must be an integer >= 0 (adaptation steps), got {steps!r}")
+    deprioritize_local_server()
     learner, info = load_model(model_ref, overrides)
     try:
         return _evaluate(learner, info, model_ref, tasks_path, steps, seed, episodes_per_task,

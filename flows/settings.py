@@ -7,8 +7,12 @@ Variables the user already set are left alone.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -37,6 +41,7 @@ def configure_environment(verbose: bool = False) -> Path:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    stop_orphaned_servers()
     if verbose:
         drop_server_only_variables()  # a parent's quieting, undone
     else:
@@ -113,7 +118,97 @@ def deprioritize_local_server(niceness: int = 15) -> list[int]:
                 changed.append(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
+    record_local_servers(changed)
     return changed
+
+
+# A SIGKILL (the kernel's out-of-memory killer, ``kill -9``) gives Python no chance to stop the
+# temporary server, which then runs on without its parent, holding memory and a port. Each
+# server found above is recorded with its parent; the next command in the same Prefect home
+# stops those whose parent is gone (``stop_orphaned_servers``, from ``configure_environment``).
+# A process is named by its id and its start time, so a reused id is never taken for it.
+_SERVER_RECORDS = "temporary-servers"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or
+    None when no such process runs."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _records_dir() -> Path | None:
+    home = os.environ.get("PREFECT_HOME")
+    return Path(home).expanduser() / _SERVER_RECORDS if home else None
+
+
+def record_local_servers(pids: list[int]) -> None:
+    """Note each temporary server with this process as its parent (best effort)."""
+    folder = _records_dir()
+    me = os.getpid()
+    mine = _start_time(me)
+    if folder is None or mine is None:
+        return
+    for pid in pids:
+        started = _start_time(pid)
+        if started is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{pid}.json").write_text(json.dumps(
+                {"server": pid, "server_started": started, "parent": me,
+                 "parent_started": mine}))
+        except OSError:
+            return
+
+
+def stop_orphaned_servers(grace: float = 5.0) -> list[int]:
+    """Stop the recorded temporary servers whose parent process is gone (SIGTERM, then SIGKILL
+    after ``grace`` seconds), and forget records of servers that have ended. Returns the ids
+    of the servers it stopped."""
+    folder = _records_dir()
+    if folder is None or not folder.is_dir():
+        return []
+    stopped = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            server, parent = int(record["server"]), int(record["parent"])
+            server_started, parent_started = record["server_started"], record["parent_started"]
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)  # unreadable: nothing can be matched against it
+            continue
+        if _start_time(server) == server_started and not _zombie(server):
+            if _start_time(parent) == parent_started:
+                continue  # its command still runs
+            if _terminate(server, server_started, grace):
+                stopped.append(server)
+        path.unlink(missing_ok=True)
+    return stopped
+
+
+def _terminate(pid: int, started: str, grace: float) -> bool:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if _start_time(pid) != started or _zombie(pid):
+            return True
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _deprioritize_threads(proc: Path, niceness: int) -> None:

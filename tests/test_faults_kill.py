@@ -367,3 +367,54 @@ def test_signal_is_recorded_and_leaves_nothing_running(sig, code, word, referenc
         for k in mine:
             assert torch.equal(mine[k], ref[k]), k
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_killed_commands_temporary_server_is_stopped_by_the_next_command(subprocess_env,
+                                                                         tmp_path):
+    """SIGKILL (no clean-up at all, as from the out-of-memory killer) of ``maml train`` that
+    started its own temporary Prefect server: the server outlives the command, as nothing can
+    stop it then; the record the command left names it, and the next command's start
+    (``configure_environment``) stops it and forgets the record. A recorded server whose
+    parent still runs is left alone."""
+    from flows.settings import configure_environment, record_local_servers, stop_orphaned_servers
+
+    records = Path(os.environ["PREFECT_HOME"]) / "temporary-servers"
+    env = dict(subprocess_env, MAML_KILL_AT="iteration:1:end", MAML_KILL_SIGNAL="KILL")
+    env.pop("PREFECT_API_URL", None)
+    argv = [sys.executable, "-m", "flows.cli", "train", CONFIG]
+    for o in OVERRIDES:
+        argv += ["--set", o]
+    before = set(records.glob("*.json")) if records.is_dir() else set()
+    err = tmp_path / "stderr"
+    with err.open("wb") as out:  # (a pipe would stay open in the orphaned server)
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
+    try:
+        returned = proc.wait(SUBPROCESS_TIMEOUT)
+        assert returned == -signal.SIGKILL, err.read_text(errors="replace")[-3000:]
+        written = [p for p in set(records.glob("*.json")) - before
+                   if json.loads(p.read_text())["parent"] == proc.pid]
+        assert len(written) == 1, written
+        server = json.loads(written[0].read_text())["server"]
+        cmdline = Path(f"/proc/{server}/cmdline").read_bytes().replace(b"\0", b" ")
+        assert b"prefect.server.api.server:create_app" in cmdline  # orphaned, still serving
+        assert os.getpgid(server) == proc.pid
+
+        # A server whose parent runs: this process as the parent of a sleeping child.
+        alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            record_local_servers([alive.pid])
+            configure_environment()  # what every `maml` command does first
+            assert alive.poll() is None
+            assert (records / f"{alive.pid}.json").exists()
+        finally:
+            alive.kill()
+            alive.wait()
+        assert not written[0].exists()
+        state = Path(f"/proc/{server}/stat")
+        assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        assert stop_orphaned_servers() == []  # the ended child's record goes too
+        assert not (records / f"{alive.pid}.json").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
