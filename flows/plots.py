@@ -66,7 +66,9 @@ def resources(history: pd.DataFrame, title: str):
     (``seconds_<stage>`` columns, stacked) under the whole iteration's; below, the process's
     resident memory after the meta-update (``memory_resident_mb``), with the iterations where a
     release ran marked (``memory_trimmed``; in runs older than that metric, those whose release
-    handed memory back, ``memory_released_mb`` > 0). None when the history has neither."""
+    handed memory back, ``memory_released_mb`` > 0), and the peak during each meta-iteration
+    (``memory_peak_mb``) and each held-out evaluation (``memory_peak_evaluate_mb``) where
+    recorded. None when the history has neither."""
     stages = [c for c in history.columns
               if c.startswith("seconds_") and c != "seconds_iteration"]
     whole = "seconds_iteration" in history
@@ -90,6 +92,13 @@ def resources(history: pd.DataFrame, title: str):
         top.legend(fontsize="small", ncol=2)
     if memory:
         gb = history["memory_resident_mb"] / 1024
+        if "memory_peak_mb" in history:
+            bottom.plot(x, history["memory_peak_mb"] / 1024, color="tab:gray", lw=0.8,
+                        label="peak during the meta-iteration")
+        if "memory_peak_evaluate_mb" in history:
+            held = history["memory_peak_evaluate_mb"].notna()
+            bottom.plot(x[held], history.loc[held, "memory_peak_evaluate_mb"] / 1024, "o",
+                        color="tab:olive", ms=4, label="peak during a held-out evaluation")
         bottom.plot(x, gb, color="tab:purple", label="resident memory after the meta-update")
         column = "memory_trimmed" if "memory_trimmed" in history else "memory_released_mb"
         ran = history.get(column, pd.Series(0.0, index=history.index)).fillna(0.0) > 0

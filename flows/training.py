@@ -23,6 +23,7 @@ from flows.settings import deprioritize_local_server, maml_home
 from flows.stages import PipelineContext, configured, learner_state
 from flows.store import StageStore
 from flows.writer import BackgroundWriter, ServiceUnavailableError
+from maml_core.allocator import MIB, peak_resident_bytes, reset_peak_resident
 from maml_core.checkpoint import latest_checkpoint, load_checkpoint
 from maml_core.config import ConfigError
 from maml_core.evaluation import selection_score
@@ -36,7 +37,7 @@ INTERRUPT_GRACE_SECONDS = 10.0
 ITERATION_METRICS = ("pre_return", "post_return", "pre_mse", "post_mse", "meta_loss",
                      "meta_loss_after", "kl", "grad_norm", "line_search_steps", "rejected",
                      "rejected_in_a_row", "env_steps", "memory_resident_mb",
-                     "memory_released_mb", "memory_trimmed")
+                     "memory_released_mb", "memory_trimmed", "memory_peak_mb")
 
 
 def store_root() -> Path:
@@ -232,6 +233,7 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             it = learner.iteration
             started = time.perf_counter()
             ctx.timings.clear()
+            peaks = reset_peak_resident()  # memory_peak_mb: this iteration's, stages and all
             if ctx.loaded_state is None:
                 ctx.loaded_state, ctx.loaded_record = learner_state(learner)
             state, record = ctx.loaded_state, ctx.loaded_record
@@ -244,6 +246,8 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             elapsed = time.perf_counter() - started
             stats.update({f"seconds_{k}": v for k, v in ctx.timings.items()})
             stats["seconds_iteration"] = elapsed
+            if peaks and (peak := peak_resident_bytes()) is not None:
+                stats["memory_peak_mb"] = peak / MIB
             learner.iteration = it + 1
             metric_buffer.add(it, {k: v for k, v in stats.items()
                                    if k in ITERATION_METRICS or k.startswith("seconds_")})
@@ -251,11 +255,14 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             validated = False
             if config.evaluation.every and (done % config.evaluation.every == 0
                                             or done == total):
+                peaks = reset_peak_resident()
                 curve = stages["evaluate"](ctx, done, held_out)
                 metric_buffer.add(done, tracking.eval_metrics(summary_table(curve)))
                 if validation is not None:
                     metric_buffer.add(done, _validate(ctx, stages, selection, done, validation))
                     validated = True  # checkpointed below, so that it can be selected
+                if peaks and (peak := peak_resident_bytes()) is not None:
+                    metric_buffer.add(done, {"memory_peak_evaluate_mb": peak / MIB})
                 # Their seconds go with their figures, at step ``done``: outside the iteration's.
                 metric_buffer.add(done, {f"seconds_{k}": ctx.timings[k]
                                          for k in ("evaluate", "validation") if k in ctx.timings})
@@ -440,6 +447,8 @@ def _postfix(stats: dict[str, float]) -> dict[str, str]:
     out["s/it"] = f"{stats['seconds_iteration']:.2f}"
     if "memory_resident_mb" in stats:
         out["mem"] = f"{stats['memory_resident_mb'] / 1024:.2f}G"
+    if "memory_peak_mb" in stats:
+        out["peak"] = f"{stats['memory_peak_mb'] / 1024:.2f}G"
     return out
 
 

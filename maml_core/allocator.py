@@ -27,6 +27,17 @@ the process staying between 1.4 and 2.3 GB until its first evaluation built a se
 pool (evaluations now close theirs). A release costs little: the trim call took 65 ms there,
 and the iteration after it, which faults about 670 MB in again, was not measurably slower
 (``bench/memory_release.py``).
+
+What the resident size after a meta-update shows depends on whether the heap's top can shrink.
+Before a run's first held-out evaluation, ``free`` at the end of an update trims the heap's top
+itself, so the figure is what the next iteration still holds. After one, a block that stays in
+use sits at the top of the heap and nothing below it goes back on ``free``; the figure is then
+the meta-iteration's whole working set, kept for the next one (in an ant-vel run, 20 tasks:
+2.24-2.37 GB after the evaluation at 450, against a peak of 2.16-2.25 GB over the 50
+meta-iterations before it, and ``malloc_trim(0)`` called into the process from a debugger took
+2.37 GB to 1.25 GB). The peak itself does not change. ``memory_peak_mb`` (per meta-iteration,
+``peak_resident_bytes`` after ``reset_peak_resident``) records it, and
+``memory_peak_evaluate_mb`` an evaluation's.
 """
 
 from __future__ import annotations
@@ -115,3 +126,28 @@ def trim() -> int | None:
     _libc.malloc_trim(0)
     after = resident_bytes()
     return None if before is None or after is None else max(0, before - after)
+
+
+def peak_resident_bytes() -> int | None:
+    """The most resident memory this process has held since it started or since the last
+    ``reset_peak_resident`` (Linux ``VmHWM``), or None elsewhere."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reset_peak_resident() -> bool:
+    """Start a new peak at the current resident size (Linux 4.0+: ``5`` to
+    ``/proc/self/clear_refs``); False where that cannot be done, and then
+    ``peak_resident_bytes`` keeps counting from the process's start."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True

@@ -49,3 +49,18 @@ def test_meta_update_records_whether_a_release_ran(monkeypatch):
     stats = learner.meta_update(pre, post)
     assert stats["memory_trimmed"] == 1.0 and stats["memory_released_mb"] >= 0.0
     assert allocator._resident_after_release is None  # the release ran and reset the level
+
+
+def test_peak_resident_counts_from_the_last_reset():
+    if not allocator.reset_peak_resident() or allocator.peak_resident_bytes() is None:
+        pytest.skip("no resettable peak (VmHWM, /proc/self/clear_refs) on this system")
+    start = allocator.resident_bytes()
+    assert abs(allocator.peak_resident_bytes() - start) < 16 * MIB  # the peak starts here
+    block = bytearray(300 * MIB)  # zero-filled: every page resident
+    grown = allocator.resident_bytes()
+    assert grown > start + 250 * MIB
+    del block  # 300 MiB is over the mmap threshold: unmapped at once
+    assert allocator.resident_bytes() < grown - 250 * MIB
+    assert allocator.peak_resident_bytes() > grown - 4 * MIB  # the peak stays (counters lag)
+    assert allocator.reset_peak_resident()
+    assert allocator.peak_resident_bytes() < grown - 250 * MIB  # a new peak, from now

@@ -71,6 +71,15 @@ def test_train_records_lineage_and_model(trained, pipeline):
     if allocator.resident_bytes() is not None:
         assert len(resident) == 3 and all(50 < mb < allocator.resident_bytes() / MIB * 1.5
                                           for mb in resident)
+    # The peak of each meta-iteration, and of each held-out evaluation, at its step.
+    history = client.get_metric_history(run.info.run_id, "memory_peak_mb")
+    if allocator.reset_peak_resident():
+        peaks = {m.step: m.value for m in history}
+        assert sorted(peaks) == [0, 1, 2]
+        assert all(peaks[m.step] > m.value - 4  # (MB; the kernel's counters lag a little)
+                   for m in client.get_metric_history(run.info.run_id, "memory_resident_mb"))
+        evaluated = client.get_metric_history(run.info.run_id, "memory_peak_evaluate_mb")
+        assert sorted(m.step for m in evaluated) == [2, 3]
     # An evaluation's seconds at the step of its figures (every 2 iterations and at the end).
     evaluated = client.get_metric_history(run.info.run_id, "seconds_evaluate")
     assert sorted(m.step for m in evaluated) == [2, 3] and all(m.value > 0 for m in evaluated)

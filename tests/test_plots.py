@@ -42,6 +42,17 @@ def test_resources_marks_a_release_that_freed_nothing():
     assert list(marks["release ran (malloc_trim)"].get_xdata()) == [1, 2]
 
 
+def test_resources_draws_the_peaks_where_recorded():
+    history = pd.DataFrame({"iteration": [0, 1, 2], "memory_resident_mb": [900.0, 1500.0, 950.0],
+                            "memory_peak_mb": [2048.0, 2560.0, 2048.0],
+                            "memory_peak_evaluate_mb": [np.nan, 3072.0, np.nan]})
+    lines = {line.get_label(): line
+             for line in plots.resources(history, "t").axes[1].get_lines()}
+    assert list(lines["peak during the meta-iteration"].get_ydata()) == [2.0, 2.5, 2.0]
+    evaluated = lines["peak during a held-out evaluation"]
+    assert list(evaluated.get_xdata()) == [1] and list(evaluated.get_ydata()) == [3.0]
+
+
 def test_resources_without_figures():
     assert plots.resources(pd.DataFrame({"iteration": [0], "post_return": [1.0]}), "t") is None
     fig = plots.resources(pd.DataFrame({"iteration": [0, 1],
