@@ -144,7 +144,10 @@ def peak_resident_bytes() -> int | None:
 def reset_peak_resident() -> bool:
     """Start a new peak at the current resident size (Linux 4.0+: ``5`` to
     ``/proc/self/clear_refs``); False where that cannot be done, and then
-    ``peak_resident_bytes`` keeps counting from the process's start."""
+    ``peak_resident_bytes`` keeps counting from the process's start. The kernel's own record
+    of the process's peak goes with it: ``getrusage``'s ``ru_maxrss`` (and so ``/usr/bin/time``
+    on a ``maml train``) then covers only what followed the last reset; a training's peak is
+    the largest of its ``memory_peak_mb`` and ``memory_peak_evaluate_mb``."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
