@@ -41,7 +41,8 @@ def configure_environment(verbose: bool = False) -> Path:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    stop_orphaned_servers()
+    with contextlib.suppress(Exception):  # best effort: never stops the command
+        stop_orphaned_servers()
     if verbose:
         drop_server_only_variables()  # a parent's quieting, undone
     else:
@@ -130,13 +131,42 @@ def deprioritize_local_server(niceness: int = 15) -> list[int]:
 _SERVER_RECORDS = "temporary-servers"
 
 
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None when no
+    such process runs. Read as bytes: the name, cut to 15 bytes, need not be valid UTF-8."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_bytes().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or
     None when no such process runs."""
+    fields = _stat(pid)
+    return fields[19].decode() if fields is not None and len(fields) > 19 else None
+
+
+def _zombie(pid: int) -> bool:
+    fields = _stat(pid)
+    return bool(fields) and fields[0] == b"Z"
+
+
+def _boot_id() -> str | None:
+    """This boot's id: start times count from boot, so a record of another boot matches
+    nothing."""
     try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
         return None
+
+
+def _is_prefect_server(pid: int) -> bool:
+    try:
+        cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"prefect.server" in cmdline or b"uvicorn" in cmdline
 
 
 def _records_dir() -> Path | None:
@@ -149,66 +179,97 @@ def record_local_servers(pids: list[int]) -> None:
     folder = _records_dir()
     me = os.getpid()
     mine = _start_time(me)
-    if folder is None or mine is None:
+    boot = _boot_id()
+    if folder is None or mine is None or boot is None:
         return
     for pid in pids:
         started = _start_time(pid)
         if started is None:
             continue
+        path = folder / f"{pid}.json"
+        partial = path.with_name(f".{pid}.{me}.tmp")  # not *.json: never read half-written
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{pid}.json").write_text(json.dumps(
-                {"server": pid, "server_started": started, "parent": me,
-                 "parent_started": mine}))
+            partial.write_text(json.dumps({"server": pid, "server_started": started,
+                                           "parent": me, "parent_started": mine,
+                                           "boot": boot}))
+            os.replace(partial, path)
         except OSError:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
             return
 
 
 def stop_orphaned_servers(grace: float = 5.0) -> list[int]:
     """Stop the recorded temporary servers whose parent process is gone (SIGTERM, then SIGKILL
-    after ``grace`` seconds), and forget records of servers that have ended. Returns the ids
-    of the servers it stopped."""
+    after ``grace`` seconds), and forget the records of servers that have ended. Returns the
+    ids of the servers it stopped. Best effort: a record it cannot read, or a folder it cannot
+    write, never stops the command that calls it."""
     folder = _records_dir()
-    if folder is None or not folder.is_dir():
-        return []
-    stopped = []
-    for path in sorted(folder.glob("*.json")):
+    boot = _boot_id()
+    stopped: list[int] = []
+    try:
+        paths = sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []
+    except OSError:
+        return stopped
+    for path in paths:
         try:
-            record = json.loads(path.read_text())
-            server, parent = int(record["server"]), int(record["parent"])
-            server_started, parent_started = record["server_started"], record["parent_started"]
-        except (OSError, ValueError, KeyError, TypeError):
-            path.unlink(missing_ok=True)  # unreadable: nothing can be matched against it
+            server = _stop_if_orphaned(path, boot, grace)
+        except (OSError, ValueError):
             continue
-        if _start_time(server) == server_started and not _zombie(server):
-            if _start_time(parent) == parent_started:
-                continue  # its command still runs
-            if _terminate(server, server_started, grace):
-                stopped.append(server)
+        if server is not None:
+            stopped.append(server)
+    return stopped
+
+
+def _stop_if_orphaned(path: Path, boot: str | None, grace: float) -> int | None:
+    """One record: its server's id if the server was orphaned and has been stopped; the
+    record is forgotten unless its command still runs."""
+    try:
+        record = json.loads(path.read_text())
+        server, parent = int(record["server"]), int(record["parent"])
+        server_started, parent_started = record["server_started"], record["parent_started"]
+        valid = (server > 1 and parent > 1 and record["boot"] == boot
+                 and all(isinstance(v, str) and v.isdigit()
+                         for v in (server_started, parent_started)))
+    except (ValueError, KeyError, TypeError):
+        valid = False  # unreadable, or another boot's: nothing can be matched against it
+    if not valid:
         path.unlink(missing_ok=True)
+        return None
+    stopped = None
+    if _start_time(server) == server_started and not _zombie(server):
+        if _start_time(parent) == parent_started:
+            return None  # its command still runs
+        if _is_prefect_server(server) and _terminate(server, server_started, grace):
+            stopped = server
+    path.unlink(missing_ok=True)
     return stopped
 
 
 def _terminate(pid: int, started: str, grace: float) -> bool:
+    """SIGTERM, and SIGKILL if the process still runs after ``grace`` seconds; True once it
+    has ended (or is a zombie awaiting its new parent)."""
+    def ended() -> bool:
+        return _start_time(pid) != started or _zombie(pid)
+
+    def wait(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if ended():
+                return True
+            time.sleep(0.05)
+        return ended()
+
     try:
         os.kill(pid, signal.SIGTERM)
     except OSError:
         return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if _start_time(pid) != started or _zombie(pid):
-            return True
-        time.sleep(0.05)
+    if wait(grace):
+        return True
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGKILL)
-    return True
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    return wait(2.0)
 
 
 def _deprioritize_threads(proc: Path, niceness: int) -> None:

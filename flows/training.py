@@ -23,7 +23,7 @@ from flows.settings import deprioritize_local_server, maml_home
 from flows.stages import PipelineContext, configured, learner_state
 from flows.store import StageStore
 from flows.writer import BackgroundWriter, ServiceUnavailableError
-from maml_core.allocator import MIB, peak_resident_bytes, reset_peak_resident
+from maml_core.allocator import MIB, peak_resident_bytes, process_peak_bytes, reset_peak_resident
 from maml_core.checkpoint import latest_checkpoint, load_checkpoint
 from maml_core.config import ConfigError
 from maml_core.evaluation import selection_score
@@ -312,6 +312,9 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                                        held_out)
         summary = summary_table(curve)
         _log_outputs(run_id, learner, config, curve, summary, held_out, selected)
+        if (peak := process_peak_bytes()) is not None:  # setup and the end included
+            tracking.log_metrics(run_id, {"memory_peak_process_mb": peak / MIB},
+                                 step=learner.iteration)
         version = None
         if config.pipeline.register_model:
             version = tracking.log_policy_model(run_id, learner, tcfg.registered_model_name,

@@ -37,7 +37,8 @@ the meta-iteration's whole working set, kept for the next one (in an ant-vel run
 meta-iterations before it, and ``malloc_trim(0)`` called into the process from a debugger took
 2.37 GB to 1.25 GB). The peak itself does not change. ``memory_peak_mb`` (per meta-iteration,
 ``peak_resident_bytes`` after ``reset_peak_resident``) records it, and
-``memory_peak_evaluate_mb`` an evaluation's.
+``memory_peak_evaluate_mb`` an evaluation's; ``memory_peak_process_mb``, logged once at the
+end, the whole process's.
 """
 
 from __future__ import annotations
@@ -141,13 +142,25 @@ def peak_resident_bytes() -> int | None:
     return None
 
 
+_earlier_peak = 0  # the largest peak before the last reset_peak_resident
+
+
+def process_peak_bytes() -> int | None:
+    """The most resident memory this process has held since it started, across the resets of
+    ``reset_peak_resident`` (which the kernel's own figure does not survive)."""
+    peak = peak_resident_bytes()
+    return None if peak is None else max(peak, _earlier_peak)
+
+
 def reset_peak_resident() -> bool:
     """Start a new peak at the current resident size (Linux 4.0+: ``5`` to
     ``/proc/self/clear_refs``); False where that cannot be done, and then
     ``peak_resident_bytes`` keeps counting from the process's start. The kernel's own record
     of the process's peak goes with it: ``getrusage``'s ``ru_maxrss`` (and so ``/usr/bin/time``
-    on a ``maml train``) then covers only what followed the last reset; a training's peak is
-    the largest of its ``memory_peak_mb`` and ``memory_peak_evaluate_mb``."""
+    on a ``maml train``) then covers only what followed the last reset; ``process_peak_bytes``
+    keeps the process's whole peak (a training logs it as ``memory_peak_process_mb``)."""
+    global _earlier_peak
+    _earlier_peak = process_peak_bytes() or 0
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

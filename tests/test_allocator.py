@@ -64,3 +64,4 @@ def test_peak_resident_counts_from_the_last_reset():
     assert allocator.peak_resident_bytes() > grown - 4 * MIB  # the peak stays (counters lag)
     assert allocator.reset_peak_resident()
     assert allocator.peak_resident_bytes() < grown - 250 * MIB  # a new peak, from now
+    assert allocator.process_peak_bytes() > grown - 4 * MIB  # the process's, kept across resets

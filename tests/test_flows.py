@@ -80,6 +80,9 @@ def test_train_records_lineage_and_model(trained, pipeline):
                    for m in client.get_metric_history(run.info.run_id, "memory_resident_mb"))
         evaluated = client.get_metric_history(run.info.run_id, "memory_peak_evaluate_mb")
         assert sorted(m.step for m in evaluated) == [2, 3]
+        whole = client.get_metric_history(run.info.run_id, "memory_peak_process_mb")
+        assert [m.step for m in whole] == [3]
+        assert whole[0].value > max([*peaks.values(), *(m.value for m in evaluated)]) - 4
     # An evaluation's seconds at the step of its figures (every 2 iterations and at the end).
     evaluated = client.get_metric_history(run.info.run_id, "seconds_evaluate")
     assert sorted(m.step for m in evaluated) == [2, 3] and all(m.value > 0 for m in evaluated)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Run in a fresh interpreter: configure the environment as `maml` does, load Prefect as a flow
@@ -74,3 +76,37 @@ def test_dask_workers_do_not_inherit_the_servers_level(monkeypatch):
     monkeypatch.delenv("MAML_QUIET_SERVER_ROOT")  # a user's own setting reaches the workers
     with _local_worker_environment(True, 2):
         assert os.environ["PREFECT_LOGGING_ROOT_LEVEL"] == "CRITICAL"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_server_records_never_signal_a_process_they_do_not_name(tmp_path, monkeypatch):
+    """Records that cannot be trusted are forgotten and signal nothing: a corrupt one (a pid of
+    -1 would signal every process of the user), a half-written one, another boot's, and one
+    whose pid and start time match a live process that is not a Prefect server."""
+    from flows import settings
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    records = tmp_path / "temporary-servers"
+    records.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ended = subprocess.Popen([sys.executable, "-c", "pass"])
+        ended.wait()
+        boot = settings._boot_id()
+        assert boot and settings._start_time(sleeper.pid)
+
+        def record(name: str, **fields) -> None:
+            base = {"server": sleeper.pid, "server_started": settings._start_time(sleeper.pid),
+                    "parent": ended.pid, "parent_started": "1", "boot": boot}
+            (records / f"{name}.json").write_text(json.dumps({**base, **fields}))
+
+        record("1", server=-1, server_started=None)
+        record("2", boot="another boot")
+        record(str(sleeper.pid))  # orphaned by its record, but not a Prefect server
+        (records / "3.json").write_text('{"server": 12')
+        assert settings.stop_orphaned_servers() == []
+        assert sleeper.poll() is None
+        assert list(records.glob("*.json")) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
