@@ -30,15 +30,17 @@ and the iteration after it, which faults about 670 MB in again, was not measurab
 
 What the resident size after a meta-update shows depends on whether the heap's top can shrink.
 Before a run's first held-out evaluation, ``free`` at the end of an update trims the heap's top
-itself, so the figure is what the next iteration still holds. After one, a block that stays in
-use sits at the top of the heap and nothing below it goes back on ``free``; the figure is then
-the meta-iteration's whole working set, kept for the next one (in an ant-vel run, 20 tasks:
-2.24-2.37 GB after the evaluation at 450, against a peak of 2.16-2.25 GB over the 50
-meta-iterations before it, and ``malloc_trim(0)`` called into the process from a debugger took
-2.37 GB to 1.25 GB). The peak itself does not change. ``memory_peak_mb`` (per meta-iteration,
-``peak_resident_bytes`` after ``reset_peak_resident``) records it, and
-``memory_peak_evaluate_mb`` an evaluation's; ``memory_peak_process_mb``, logged once at the
-end, the whole process's.
+itself, so the figure is what the next iteration still holds. After one, blocks that stay in
+use sit high in the heap and nothing below them goes back on ``free``; the figure is then the
+meta-iteration's whole working set, kept for the next one, and that working set grows: the
+freed memory below those blocks is fragmented and not all of it is reused. Measured in an
+ant-vel run (20 tasks x 20 episodes, resumed from 550 to 650 with an evaluation at 600): the
+peak per meta-iteration (``memory_peak_mb``) had a median of 1,993 MB (1,623-2,206) over
+550-599 and 2,767 MB (2,316-2,795, rising) over 601-649; ``malloc_trim(0)``, called into the
+same run from a debugger after an earlier evaluation, took it from 2.37 GB to 1.25 GB (free
+heap memory, not live objects). Not fixed here. ``memory_peak_mb`` (per meta-iteration,
+``peak_resident_bytes`` after ``reset_peak_resident``) records it, ``memory_peak_evaluate_mb``
+an evaluation's, and ``memory_peak_process_mb``, logged once at the end, the whole process's.
 """
 
 from __future__ import annotations
