@@ -318,9 +318,17 @@ def cmd_train(args) -> int:
         print(f"Registered model: models:/{result['registered_model']}/"
               f"{result['model_version']}")
     print(f"Stage store: {result['store']}")
-    print("Look next: `maml ui` then open http://127.0.0.1:5000 (experiment 'maml'); "
-          f"`maml lineage models:/{result['registered_model']}/{result.get('model_version')}`")
+    print(look_next(result))
     return 0
+
+
+def look_next(result: dict) -> str:
+    """Where to look after a training: the MLflow UI, and the model's lineage when one was
+    registered (``pipeline.register_model: false`` registers none)."""
+    hint = "Look next: `maml ui` then open http://127.0.0.1:5000 (experiment 'maml')"
+    if result.get("model_version"):
+        hint += f"; `maml lineage models:/{result['registered_model']}/{result['model_version']}`"
+    return hint
 
 
 def cmd_evaluate(args) -> int:

@@ -348,3 +348,13 @@ def test_progress_bar_shows_returns_speed_and_memory():
                                "mem": "2.20G"}
     del stats["memory_resident_mb"]  # a supervised iteration has no meta-update release
     assert "mem" not in _postfix(stats)
+
+
+def test_look_next_names_the_lineage_only_of_a_registered_model():
+    from flows.cli import look_next
+
+    registered = look_next({"registered_model": "maml-policy", "model_version": "7"})
+    assert registered.endswith("; `maml lineage models:/maml-policy/7`")
+    unregistered = look_next({"registered_model": "maml-policy", "model_version": None})
+    assert "lineage" not in unregistered and "None" not in unregistered
+    assert unregistered.startswith("Look next: `maml ui`")
