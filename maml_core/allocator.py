@@ -38,7 +38,8 @@ ant-vel run (20 tasks x 20 episodes, resumed from 550 to 650 with an evaluation 
 peak per meta-iteration (``memory_peak_mb``) had a median of 1,993 MB (1,623-2,206) over
 550-599 and 2,767 MB (2,316-2,795, rising) over 601-649; ``malloc_trim(0)``, called into the
 same run from a debugger after an earlier evaluation, took it from 2.37 GB to 1.25 GB (free
-heap memory, not live objects). Not fixed here. ``memory_peak_mb`` (per meta-iteration,
+heap memory, not live objects). Not fixed here; an evaluation in a thread of its own (an
+arena of its own) made it worse in a small run (README). ``memory_peak_mb`` (per meta-iteration,
 ``peak_resident_bytes`` after ``reset_peak_resident``) records it, ``memory_peak_evaluate_mb``
 an evaluation's, and ``memory_peak_process_mb``, logged once at the end, the whole process's.
 """
