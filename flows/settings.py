@@ -98,8 +98,10 @@ def deprioritize_local_server(niceness: int = 15) -> list[int]:
 
     With no ``PREFECT_API_URL``, Prefect serves its API from a child process of this one; on a
     small machine that process competes with training for the cores and makes every stage
-    slower. At a low priority it records task runs in the gaps instead. Returns the process
-    ids it reniced (none when a real server is configured or nothing is found).
+    slower. At a low priority it records task runs in the gaps instead. Each server found is
+    also recorded with this process as its parent (``record_local_servers``), so that the next
+    command can stop it if this one is killed outright. Returns the process ids it reniced
+    (none when a real server is configured or nothing is found).
     """
     if os.environ.get("PREFECT_API_URL") or not Path("/proc").is_dir():
         return []

@@ -23,7 +23,7 @@ from flows.settings import deprioritize_local_server, maml_home
 from flows.stages import PipelineContext, configured, learner_state
 from flows.store import StageStore
 from flows.writer import BackgroundWriter, ServiceUnavailableError
-from maml_core.allocator import MIB, peak_resident_bytes, process_peak_bytes, reset_peak_resident
+from maml_core.allocator import MIB, peak_since_reset_mb, process_peak_bytes, reset_peak_resident
 from maml_core.checkpoint import latest_checkpoint, load_checkpoint
 from maml_core.config import ConfigError
 from maml_core.evaluation import selection_score
@@ -246,8 +246,8 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
             elapsed = time.perf_counter() - started
             stats.update({f"seconds_{k}": v for k, v in ctx.timings.items()})
             stats["seconds_iteration"] = elapsed
-            if peaks and (peak := peak_resident_bytes()) is not None:
-                stats["memory_peak_mb"] = peak / MIB
+            if (peak := peak_since_reset_mb(peaks)) is not None:
+                stats["memory_peak_mb"] = peak
             learner.iteration = it + 1
             metric_buffer.add(it, {k: v for k, v in stats.items()
                                    if k in ITERATION_METRICS or k.startswith("seconds_")})
@@ -261,8 +261,8 @@ def meta_train(config_path: str | None = None, overrides: list[str] | None = Non
                 if validation is not None:
                     metric_buffer.add(done, _validate(ctx, stages, selection, done, validation))
                     validated = True  # checkpointed below, so that it can be selected
-                if peaks and (peak := peak_resident_bytes()) is not None:
-                    metric_buffer.add(done, {"memory_peak_evaluate_mb": peak / MIB})
+                if (peak := peak_since_reset_mb(peaks)) is not None:
+                    metric_buffer.add(done, {"memory_peak_evaluate_mb": peak})
                 # Their seconds go with their figures, at step ``done``: outside the iteration's.
                 metric_buffer.add(done, {f"seconds_{k}": ctx.timings[k]
                                          for k in ("evaluate", "validation") if k in ctx.timings})

@@ -170,3 +170,10 @@ def reset_peak_resident() -> bool:
     except OSError:
         return False
     return True
+
+
+def peak_since_reset_mb(reset: bool) -> float | None:
+    """The peak in MiB since a ``reset_peak_resident`` that returned ``reset``; None when that
+    reset could not be made (the figure would be the process's, not the window's)."""
+    peak = peak_resident_bytes() if reset else None
+    return None if peak is None else peak / MIB
