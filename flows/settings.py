@@ -149,9 +149,11 @@ def _start_time(pid: int) -> str | None:
     return fields[19].decode() if fields is not None and len(fields) > 19 else None
 
 
-def _zombie(pid: int) -> bool:
+def _running(pid: int, started: str) -> bool:
+    """Whether the process of that id and start time still runs (a zombie does not)."""
     fields = _stat(pid)
-    return bool(fields) and fields[0] == b"Z"
+    return (fields is not None and len(fields) > 19 and fields[0] != b"Z"
+            and fields[19].decode() == started)
 
 
 def _boot_id() -> str | None:
@@ -240,8 +242,8 @@ def _stop_if_orphaned(path: Path, boot: str | None, grace: float) -> int | None:
         path.unlink(missing_ok=True)
         return None
     stopped = None
-    if _start_time(server) == server_started and not _zombie(server):
-        if _start_time(parent) == parent_started:
+    if _running(server, server_started):
+        if _running(parent, parent_started):
             return None  # its command still runs
         if _is_prefect_server(server) and _terminate(server, server_started, grace):
             stopped = server
@@ -252,16 +254,13 @@ def _stop_if_orphaned(path: Path, boot: str | None, grace: float) -> int | None:
 def _terminate(pid: int, started: str, grace: float) -> bool:
     """SIGTERM, and SIGKILL if the process still runs after ``grace`` seconds; True once it
     has ended (or is a zombie awaiting its new parent)."""
-    def ended() -> bool:
-        return _start_time(pid) != started or _zombie(pid)
-
     def wait(seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if ended():
+            if not _running(pid, started):
                 return True
             time.sleep(0.05)
-        return ended()
+        return not _running(pid, started)
 
     try:
         os.kill(pid, signal.SIGTERM)
