@@ -20,28 +20,32 @@ between live ones are never trimmed. Over a long MuJoCo run the process grew by 
 meta-iteration (1.8 GB at iteration 7, 3.8 GB at 336), though what it used stayed flat:
 ``malloc_trim(0)`` took a grown process from 1,035 MB back to 494 MB. ``release_free_memory``,
 called once per meta-iteration, hands the free memory back with ``malloc_trim`` whenever the
-resident size has grown by ``TRIM_THRESHOLD`` over its level one iteration after the last
-release, so the memory an iteration reuses stays in the heap between releases. In a
-halfcheetah-dir run (20 tasks x 20 episodes, the pipeline) that was every 10-20 iterations,
-the process staying between 1.4 and 2.3 GB until its first evaluation built a second env
-pool (evaluations now close theirs). A release costs little: the trim call took 65 ms there,
-and the iteration after it, which faults about 670 MB in again, was not measurably slower
-(``bench/memory_release.py``).
+resident size has grown by ``TRIM_THRESHOLD`` over what the last trim left (before the first
+trim: over the size at the first call), so the memory an iteration reuses stays in the heap
+while the process holds less than that much beyond it. A release costs little: the trim call
+took 65 ms in a halfcheetah-dir run (20 tasks x 20 episodes), and the iteration after it, which
+faults about 670 MB in again, was not measurably slower (``bench/memory_release.py``).
 
-What the resident size after a meta-update shows depends on whether the heap's top can shrink.
-Before a run's first held-out evaluation, ``free`` at the end of an update trims the heap's top
-itself, so the figure is what the next iteration still holds. After one, blocks that stay in
-use sit high in the heap and nothing below them goes back on ``free``; the figure is then the
-meta-iteration's whole working set, kept for the next one, and that working set grows: the
-freed memory below those blocks is fragmented and not all of it is reused. Measured in an
-ant-vel run (20 tasks x 20 episodes, resumed from 550 to 650 with an evaluation at 600): the
-peak per meta-iteration (``memory_peak_mb``) had a median of 1,993 MB (1,623-2,206) over
-550-599 and 2,767 MB (2,316-2,795, rising) over 601-649; ``malloc_trim(0)``, called into the
-same run from a debugger after an earlier evaluation, took it from 2.37 GB to 1.25 GB (free
-heap memory, not live objects). Not fixed here; an evaluation in a thread of its own (an
-arena of its own) made it worse in a small run (README). ``memory_peak_mb`` (per meta-iteration,
-``peak_resident_bytes`` after ``reset_peak_resident``) records it, ``memory_peak_evaluate_mb``
-an evaluation's, and ``memory_peak_process_mb``, logged once at the end, the whole process's.
+Why the level is what the last trim left, not the size one iteration later (the rule before):
+before a run's first held-out evaluation, ``free`` at the end of an update trims the heap's top
+itself, so the size after an update is what the next iteration still holds. After one, blocks
+that stay in use sit high in the heap and nothing below them goes back on ``free``: the size
+after an update is then the iteration's whole working set, and a level taken there let the
+process keep it, and its fragmented growth, from one iteration to the next. In an ant-vel run
+(20 tasks x 20 episodes, resumed from 550 to 650, an evaluation at 600) the peak per
+meta-iteration (``memory_peak_mb``) had a median of 1,993 MB over 550-599 and 2,767 MB, still
+rising, over 601-649, the process never trimming again. Measured side by side (ant-vel, 20 x
+20, 12 meta-iterations from a random start, evaluations on 10 tasks at 4, 8 and 12; both arms
+at once, one thread each): with the old level the process held 2.2-2.5 GB between iterations
+after the first evaluation, the peak per meta-iteration had a median of 2,478 MB after the
+evaluations against 2,048 MB before, the evaluations at 8 and 12 peaked at 3,133 and 3,045 MB
+and the process at 3,259 MB; with this one it held 0.88 GB, 2,293 against 1,998 MB, 1,656 and
+1,677 MB, and 2,701 MB. What remains after an evaluation (+15% here) is fragmentation: the
+iteration's blocks no longer fit where they did. An evaluation in a thread of its own (an
+arena of its own) made that worse in a small run (README). ``memory_peak_mb`` (per
+meta-iteration, ``peak_resident_bytes`` after ``reset_peak_resident``) records it,
+``memory_peak_evaluate_mb`` an evaluation's, and ``memory_peak_process_mb``, logged once at
+the end, the whole process's.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def tune_allocator() -> bool:
     return _applied
 
 
-_resident_after_release: int | None = None
+_level: int | None = None  # resident bytes just after the last release (first call: then)
 
 
 def resident_bytes() -> int | None:
@@ -102,33 +106,33 @@ def resident_bytes() -> int | None:
 
 def release_free_memory(margin: int = TRIM_THRESHOLD) -> int | None:
     """``malloc_trim(0)`` if the malloc settings are in effect and the resident memory has grown
-    by more than ``margin`` bytes over its level at the first call after the last release (the
-    first call of all, or the one after a trim: by then the iteration's working set is back).
-    Returns the bytes the trim handed back (resident before minus after), None if it did not
-    run."""
-    global _resident_after_release
+    by more than ``margin`` bytes over its level just after the last release (before the first
+    release: at the first call). Returns the bytes the trim handed back (resident before minus
+    after), None if it did not run."""
+    global _level
     if _libc is None:
         return None
     resident = resident_bytes()
     if resident is None:
         return None
-    if _resident_after_release is None:
-        _resident_after_release = resident
+    if _level is None:
+        _level = resident
         return None
-    if resident - _resident_after_release <= margin:
+    if resident - _level <= margin:
         return None
-    _resident_after_release = None
     return trim()
 
 
 def trim() -> int | None:
     """``malloc_trim(0)`` now, whatever the process has grown by; the bytes it handed back
-    (resident before minus after), or None where the malloc settings are not in effect."""
+    (resident before minus after), or None where the malloc settings are not in effect. What it
+    leaves is the level ``release_free_memory`` measures growth from."""
+    global _level
     if _libc is None:
         return None
     before = resident_bytes()
     _libc.malloc_trim(0)
-    after = resident_bytes()
+    after = _level = resident_bytes()
     return None if before is None or after is None else max(0, before - after)
 
 
