@@ -41,9 +41,11 @@ after the first evaluation, the peak per meta-iteration had a median of 2,478 MB
 evaluations against 2,048 MB before, the evaluations at 8 and 12 peaked at 3,133 and 3,045 MB
 and the process at 3,259 MB; with this one it held 0.88 GB, 2,293 against 1,998 MB, 1,656 and
 1,677 MB, and 2,701 MB. What remains after an evaluation (+15% here) is fragmentation: the
-iteration's blocks no longer fit where they did. An evaluation in a thread of its own (an
-arena of its own) made that worse in a small run (README). ``memory_peak_mb`` (per
-meta-iteration, ``peak_resident_bytes`` after ``reset_peak_resident``) records it,
+iteration's blocks no longer fit where they did (with 40 ant-dir tasks the peak went from 3.6 to
+6.4-7.9 GB). An evaluation in a thread of its own (an arena of its own) made that worse in a
+small run (docs/results/EXPERIMENTS.md); preloading jemalloc avoids it (README, Reliability),
+and the glibc calls here then act on glibc's heap, which holds next to nothing. ``memory_peak_mb``
+(per meta-iteration, ``peak_resident_bytes`` after ``reset_peak_resident``) records it,
 ``memory_peak_evaluate_mb`` an evaluation's, and ``memory_peak_process_mb``, logged once at
 the end, the whole process's.
 """
