@@ -37,7 +37,10 @@ INTERRUPT_GRACE_SECONDS = 10.0
 ITERATION_METRICS = ("pre_return", "post_return", "pre_mse", "post_mse", "meta_loss",
                      "meta_loss_after", "kl", "grad_norm", "line_search_steps", "rejected",
                      "rejected_in_a_row", "env_steps", "memory_resident_mb",
-                     "memory_released_mb", "memory_trimmed", "memory_peak_mb")
+                     "memory_released_mb", "memory_trimmed", "memory_peak_mb",
+                     # learned step sizes with an optimizer of their own (inner.step_size_lr)
+                     "step_size_min", "step_size_mean", "step_size_max",
+                     "step_size_grad_norm", "step_size_rejected")
 
 
 def store_root() -> Path:

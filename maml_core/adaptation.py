@@ -4,7 +4,8 @@ The loss function maps *batched* parameters (a leading task dimension) to one lo
 The parameters theta are expanded over tasks, so a single backward pass of the summed loss gives
 every task its own gradient. With ``create_graph`` the step stays differentiable (second-order
 MAML); ``first_order`` treats the inner gradient as a constant. ``step_size`` is a number, or a
-dict of per-parameter tensors (Meta-SGD), broadcast over tasks.
+dict of learned step sizes (Meta-SGD): per parameter tensor, one per weight or one scalar for the
+whole tensor (per layer), broadcast over tasks.
 """
 
 from __future__ import annotations
@@ -36,9 +37,15 @@ def split_meta_params(meta_params: Params) -> tuple[Params, Params | None]:
     return policy, (sizes or None)
 
 
-def init_step_sizes(params: Params, value: float) -> Params:
-    """Meta-SGD step sizes: one per weight, all starting at ``value``."""
-    return {STEP_SIZE_PREFIX + k: torch.full_like(v, float(value)) for k, v in params.items()}
+def init_step_sizes(params: Params, value: float, per: str = "weight") -> Params:
+    """Meta-SGD step sizes, all starting at ``value``: one per weight (``per="weight"``), or one
+    scalar per parameter tensor (``per="layer"``)."""
+    if per not in ("weight", "layer"):
+        raise ValueError(f"step sizes are learned per 'weight' or per 'layer', not {per!r}")
+    return {STEP_SIZE_PREFIX + k: (torch.full_like(v, float(value)) if per == "weight"
+                                   else torch.tensor(float(value), dtype=v.dtype,
+                                                     device=v.device))
+            for k, v in params.items()}
 
 
 def masked_task_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -73,36 +80,46 @@ def policy_gradient_loss_on(policy, obs: Tensor, actions: Tensor, adv: Tensor,
 
 @dataclass
 class InnerStep:
-    """One differentiable inner step phi_i = p_i - alpha * g_i(p_i) of every task, kept so that
-    products with its Jacobian can be formed by autograd (second-order MAML, a scalar step size).
-    ``p`` is theta expanded over tasks for the first step, the previous step's result after it.
+    """One differentiable inner step phi_i = p_i - D g_i(p_i) of every task, kept so that products
+    with its Jacobian can be formed by autograd (second-order MAML). ``p`` is theta expanded over
+    tasks for the first step, the previous step's result after it. D is the step size: a scalar
+    alpha, or learned step sizes (per weight or per tensor), taken here as constants.
 
-    Its Jacobian for task i is A_i = I - alpha * H_i, with H_i the Hessian of the task's inner
-    loss at p_i (a function of p_i alone), which is symmetric: ``A_i w_i`` and ``A_i^T w_i`` are
-    the same product, one backward pass through the inner gradient's graph for all tasks at
-    once. That pass stops at ``p``: it does not run through the steps before.
+    Its Jacobian for task i is A_i = I - D H_i, with H_i the Hessian of the task's inner loss at
+    p_i (a function of p_i alone, and symmetric), so ``A_i w_i = w_i - D (H_i w_i)`` and
+    ``A_i^T w_i = w_i - H_i (D w_i)``: one backward pass through the inner gradient's graph for
+    all tasks at once, either way (with a scalar alpha the two are the same product). That pass
+    stops at ``p``: it does not run through the steps before.
     """
 
     leaves: list[Tensor]  # p: the inputs of the inner gradient, [N, ...] per parameter
     grads: list[Tensor]  # the inner gradients g_i(p_i) [N, ...], with their graph
-    step_size: float
+    step_size: float | list[Tensor]  # alpha, or one (detached) step-size tensor per parameter
 
-    def jacobian_product(self, vectors: list[Tensor]) -> list[Tensor]:
-        """``A_i w_i`` (= ``A_i^T w_i``) for per-task vectors ``w`` shaped like the gradients."""
+    def _scaled(self, vectors: list[Tensor]) -> list[Tensor]:
+        if isinstance(self.step_size, float):
+            return [self.step_size * v for v in vectors]
+        return [a * v for a, v in zip(self.step_size, vectors)]
+
+    def jacobian_product(self, vectors: list[Tensor], transpose: bool = False) -> list[Tensor]:
+        """``A_i w_i`` (``A_i^T w_i`` with ``transpose``) for per-task vectors ``w`` shaped like
+        the gradients."""
+        scale_first = transpose and not isinstance(self.step_size, float)
+        inputs = self._scaled(vectors) if scale_first else vectors
         live = [i for i, g in enumerate(self.grads) if g.requires_grad]
         hw = torch.autograd.grad([self.grads[i] for i in live], self.leaves,
-                                 grad_outputs=[vectors[i] for i in live], retain_graph=True,
+                                 grad_outputs=[inputs[i] for i in live], retain_graph=True,
                                  materialize_grads=True) if live else None
         if hw is None:  # an inner loss that is linear in theta
             return list(vectors)
-        return [w - self.step_size * h for w, h in zip(vectors, hw)]
+        return [w - h for w, h in zip(vectors, hw if scale_first else self._scaled(hw))]
 
 
 @dataclass
 class InnerChain:
     """The differentiable inner steps 1..K in order (``InnerStep``): phi_k = f_k(phi_{k-1}) with
     phi_0 theta expanded over tasks. The Jacobian of phi_k in theta is J^(k) = A_k ... A_1, A_k
-    the (symmetric) Jacobian of step k, so its products are chains of one-step products."""
+    the Jacobian of step k, so its products are chains of one-step products."""
 
     steps: list[InnerStep]
 
@@ -125,7 +142,7 @@ class InnerChain:
         for step, w in zip(reversed(self.steps), reversed(vectors)):
             if w is not None:
                 total = list(w) if total is None else [t + x for t, x in zip(total, w)]
-            total = step.jacobian_product(total)
+            total = step.jacobian_product(total, transpose=True)
         return total
 
 
@@ -149,8 +166,7 @@ def adapt_with_inner_steps(params: Params, loss_fn: LossFn, step_size: float | P
                            num_tasks: int | None = None, create_graph: bool | None = None
                            ) -> tuple[Params, list[Tensor], InnerChain | None]:
     """``adapt``, also returning the differentiable steps (``InnerChain``, one ``InnerStep`` per
-    step) when they are second-order with a scalar step size and the graph is kept (else
-    None)."""
+    step) when they are second-order and the graph is kept (else None)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     tune_allocator()
@@ -161,8 +177,7 @@ def adapt_with_inner_steps(params: Params, loss_fn: LossFn, step_size: float | P
         params = {k: v.detach() for k, v in params.items()}
     phi = expand_to_tasks(params, num_tasks) if num_tasks is not None else dict(params)
     losses = []
-    structured = (create_graph and outer_grad and not first_order
-                  and not isinstance(step_size, dict))
+    structured = create_graph and outer_grad and not first_order
     inner_steps = []
     with torch.enable_grad():
         for _ in range(num_steps):
@@ -173,8 +188,9 @@ def adapt_with_inner_steps(params: Params, loss_fn: LossFn, step_size: float | P
                                         create_graph=create_graph)
             losses.append(task_losses.detach())
             if structured:
-                inner_steps.append(InnerStep(list(leaves.values()), list(grads),
-                                             float(step_size)))
+                sizes = ([step_size[k].detach() for k in leaves] if isinstance(step_size, dict)
+                         else float(step_size))
+                inner_steps.append(InnerStep(list(leaves.values()), list(grads), sizes))
             phi = {}
             for (k, v), g in zip(leaves.items(), grads):
                 if not create_graph:
@@ -216,7 +232,7 @@ def adapt_policy_resampled_with_inner_steps(
         first_order: bool = False, create_graph: bool | None = None,
         loss_fns: list[LossFn] | None = None) -> tuple[list[Params], InnerChain | None]:
     """``adapt_policy_resampled``, also returning its differentiable steps (``InnerChain``; None
-    unless every step is second-order with a scalar step size and the graph is kept)."""
+    unless every step is second-order and the graph is kept)."""
     if not episode_sets:
         raise ValueError("adapt_policy_resampled needs at least one episode set")
     theta, learned = split_meta_params(meta_params)
@@ -225,7 +241,7 @@ def adapt_policy_resampled_with_inner_steps(
     phi: Params = theta
     steps: list[Params] = []
     inner_steps: list[InnerStep] = []
-    structured = True  # every step so far second-order with a scalar step size
+    structured = True  # every step so far second-order
     for k, (episodes, loss) in enumerate(zip(episode_sets, losses)):
         phi, _, chain = adapt_with_inner_steps(phi, loss, inner_step_size(alpha, k), 1,
                                                first_order,

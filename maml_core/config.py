@@ -68,7 +68,14 @@ class InnerConfig(_Strict):
     step_size: float = Field(0.1, gt=0, description="alpha, the inner step size")
     num_steps: int = Field(1, ge=1)
     first_order: bool = False
-    learn_step_size: bool = Field(False, description="Meta-SGD: learn one step size per weight")
+    learn_step_size: bool = Field(False, description="Meta-SGD: learn the step sizes")
+    step_size_per: Literal["weight", "layer"] = Field(
+        "weight", description="with learn_step_size: one step size per weight (Meta-SGD), or "
+        "one per parameter tensor")
+    step_size_lr: float | None = Field(
+        None, gt=0, description="with learn_step_size and TRPO: Adam's learning rate for the "
+        "step sizes, which are then updated apart from TRPO's KL-bounded step (None: TRPO "
+        "updates them with the policy)")
     fresh_episodes: bool = Field(
         False, description="with num_steps > 1: sample fresh episodes before every inner step "
         "(step k with the policy adapted k times, step size alpha then alpha / 2), as the "
@@ -156,6 +163,14 @@ class MAMLConfig(_Strict):
             raise ValueError("inner.every_step_objective scores each inner step on the episodes "
                              "its policy sampled: set inner.fresh_episodes: true and "
                              "inner.num_steps > 1 with it, or leave it out")
+        if inner.step_size_lr is not None and not (inner.learn_step_size
+                                                   and self.meta_optimizer.name == "trpo"):
+            raise ValueError("inner.step_size_lr updates learned step sizes apart from TRPO: "
+                             "set inner.learn_step_size: true and meta_optimizer.name: trpo "
+                             "with it, or leave it out")
+        if inner.step_size_per != "weight" and not inner.learn_step_size:
+            raise ValueError("inner.step_size_per shapes learned step sizes: set "
+                             "inner.learn_step_size: true with it, or leave it out")
         if family.kind == "supervised" and self.meta_optimizer.name == "trpo":
             raise ValueError("meta_optimizer.name: trpo needs a policy; supervised families "
                              f"({self.task.family}) take adam or sgd")

@@ -96,8 +96,8 @@ class ObjectiveValue:
     kl: Tensor | None  # scalar mean KL(old || new), if an old policy was given
     # The batched adapted parameters scored: after each inner step, or after the last only.
     scored: list[Params]
-    # The differentiable inner steps (second-order, a scalar step size), for Hessian-vector
-    # products through them; None otherwise.
+    # The differentiable inner steps (second-order), for Hessian-vector products through them;
+    # None otherwise.
     inner: InnerChain | None = None
     # The terms of ``kl``, one per scored parameter set; they sum to it.
     kl_terms: list[Tensor] | None = None
@@ -227,12 +227,14 @@ class MetaObjective:
         adapted parameters phi_k at the old policies, so its Hessian in theta is exactly
         ``J^(k)^T (d^2 KL_k / d phi_k^2) J^(k)`` with ``J^(k)`` the Jacobian of the first k
         inner steps, a product of one-step Jacobians (``InnerChain``). With ``structured`` and
-        second-order steps of a scalar step size this is computed from one-step products --
-        for one step, three backward passes (``J v`` through the inner gradient, the KL's
-        Hessian in phi, ``J^T``) -- instead of differentiating through the gradient of the KL
-        in theta, which would also form the third derivatives of the inner losses only to
-        multiply them by that zero gradient. Otherwise (first-order steps, learned step sizes,
-        or ``structured=False``) it is the plain double-backward product.
+        second-order steps whose step sizes are constants here (a scalar alpha, or learned step
+        sizes that ``meta_params`` leaves out: their own optimizer updates them) this is
+        computed from one-step products -- for one step, three backward passes (``J v`` through
+        the inner gradient, the KL's Hessian in phi, ``J^T``) -- instead of differentiating
+        through the gradient of the KL in theta, which would also form the third derivatives of
+        the inner losses only to multiply them by that zero gradient. Otherwise (first-order
+        steps, learned step sizes among ``meta_params``, or ``structured=False``) it is the
+        plain double-backward product in ``meta_params``.
         """
         if value.kl is None:
             raise ValueError("kl_hessian_product needs a value with its KL (at_old_policy)")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from maml_core.adaptation import STEP_SIZE_PREFIX
 from maml_core.meta_objective import MetaObjective, ObjectiveValue
 from maml_core.policies import Params
 
@@ -94,8 +95,12 @@ class GradientMetaOptimizer(MetaOptimizer):
         self.torch_optimizer = cls(list(meta_params.values()), lr=config.lr)
 
     def apply_loss(self, value_loss: Tensor) -> dict[str, float]:
+        return self.apply_grads(torch.autograd.grad(value_loss, list(self.params.values())))
+
+    def apply_grads(self, grads) -> dict[str, float]:
+        """One step on the given gradients of the loss (one per parameter, in order); a
+        gradient that is not finite is rejected."""
         params = list(self.params.values())
-        grads = torch.autograd.grad(value_loss, params)
         gnorm = flat(grads).norm()
         if not _finite(gnorm):
             return {"grad_norm": float(gnorm), "rejected": 1.0}
@@ -138,21 +143,53 @@ class GradientMetaOptimizer(MetaOptimizer):
 
 class TRPOMetaOptimizer(MetaOptimizer):
     """TRPO on the meta-objective (the paper): natural gradient by conjugate gradient on
-    Hessian-vector products of the KL (through the inner steps), max-KL step, backtracking."""
+    Hessian-vector products of the KL (through the inner steps), max-KL step, backtracking.
+
+    With ``step_size_lr``, learned step sizes (``step_size.*``) are left out of TRPO's step --
+    whose KL bound gives them little room, since the KL of the adapted policies barely
+    depends on them at the old policy -- and take an Adam step of their own on the gradient of
+    the same surrogate, computed in the same backward pass, after TRPO's step."""
 
     name = "trpo"
     # Exact Hessian-vector products from chained one-step products (see
     # MetaObjective.kl_hessian_product); False takes plain double backward (bench/kl_hvp.py).
     structured_hvp = True
 
+    def __init__(self, meta_params: Params, config, step_size_lr: float | None = None):
+        super().__init__(meta_params, config)
+        sizes = ({k: v for k, v in meta_params.items() if k.startswith(STEP_SIZE_PREFIX)}
+                 if step_size_lr is not None else {})
+        if step_size_lr is not None and not sizes:
+            raise ValueError("step_size_lr updates learned step sizes, but the meta-parameters "
+                             "have none: set inner.learn_step_size: true")
+        # What TRPO steps: the policy, and the step sizes unless they have their own optimizer.
+        self.trpo_params = {k: v for k, v in meta_params.items() if k not in sizes}
+        self.size_optimizer = (GradientMetaOptimizer(sizes, config.model_copy(update={
+            "name": "adam", "lr": step_size_lr, "max_grad_norm": None})) if sizes else None)
+
     def step(self, objective: MetaObjective) -> dict[str, float]:
+        stats = self._trpo_step(objective)
+        size_grads = stats.pop("_size_grads", None)
+        if size_grads is not None:
+            size_stats = self.size_optimizer.apply_grads(size_grads)
+            stats["step_size_grad_norm"] = size_stats["grad_norm"]
+            stats["step_size_rejected"] = size_stats["rejected"]
+            with torch.no_grad():
+                values = flat(list(self.size_optimizer.params.values()))
+            stats.update(step_size_min=float(values.min()), step_size_mean=float(values.mean()),
+                         step_size_max=float(values.max()))
+        return stats
+
+    def _trpo_step(self, objective: MetaObjective) -> dict:
         cfg = self.config
-        params = list(self.params.values())
+        params = list(self.trpo_params.values())
+        sizes = list(self.size_optimizer.params.values()) if self.size_optimizer else []
         # One adaptation and forward pass give the old policies, the surrogate and its KL.
         value = objective.at_old_policy(self.params, kind="surrogate")
         loss_before = value.loss.detach()
         exact = cfg.hvp_subsample >= 1.0
-        grads = torch.autograd.grad(value.loss, params, retain_graph=exact)
+        grads = torch.autograd.grad(value.loss, params + sizes, retain_graph=exact)
+        grads, size_grads = grads[:len(params)], grads[len(params):]
         g = flat(grads)
         gnorm = g.norm()
         if not _finite(g):
@@ -168,10 +205,11 @@ class TRPOMetaOptimizer(MetaOptimizer):
                     "rejected": 1.0, "line_search_steps": 0.0, "kl": float("nan")}
         full_step = direction * torch.sqrt(2.0 * cfg.max_kl / (2.0 * shs))
         old = [p.detach().clone() for p in params]
+        base = {"_size_grads": size_grads} if sizes else {}  # for the step sizes' own step
         for i in range(cfg.line_search_steps):
             frac = cfg.line_search_backtrack ** i
             with torch.no_grad():
-                for p, o, s in zip(params, old, unflat(full_step, self.params).values()):
+                for p, o, s in zip(params, old, unflat(full_step, self.trpo_params).values()):
                     p.copy_(o + frac * s)
             with torch.no_grad():  # (the inner step enables gradients where it needs them)
                 trial = objective({k: v.detach() for k, v in self.params.items()},
@@ -180,12 +218,29 @@ class TRPOMetaOptimizer(MetaOptimizer):
             if math.isfinite(loss) and loss < float(loss_before) and kl_new <= cfg.max_kl:
                 return {"meta_loss": float(loss_before), "meta_loss_after": loss,
                         "grad_norm": float(gnorm), "kl": kl_new, "rejected": 0.0,
-                        "line_search_steps": float(i + 1)}
+                        "line_search_steps": float(i + 1), **base}
         with torch.no_grad():
             for p, o in zip(params, old):
                 p.copy_(o)
         return {"meta_loss": float(loss_before), "grad_norm": float(gnorm), "kl": float("nan"),
-                "rejected": 1.0, "line_search_steps": float(cfg.line_search_steps)}
+                "rejected": 1.0, "line_search_steps": float(cfg.line_search_steps), **base}
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """The step sizes' Adam state, when they have their own optimizer (TRPO keeps none)."""
+        if self.size_optimizer is None:
+            return {}, {}
+        tensors, meta = self.size_optimizer.state_dict()
+        return ({self._SIZE_STATE + k: v for k, v in tensors.items()},
+                {self._SIZE_STATE.rstrip("."): meta})
+
+    def load_state_dict(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        if self.size_optimizer is not None:
+            n = len(self._SIZE_STATE)
+            self.size_optimizer.load_state_dict(
+                {k[n:]: v for k, v in tensors.items() if k.startswith(self._SIZE_STATE)},
+                meta.get(self._SIZE_STATE.rstrip("."), {}))
+
+    _SIZE_STATE = "step_size_adam."
 
     def _kl_hvp(self, objective: MetaObjective, value: ObjectiveValue | None
                 ) -> Callable[[Tensor], Tensor]:
@@ -193,13 +248,14 @@ class TRPOMetaOptimizer(MetaOptimizer):
         or on the first ``hvp_subsample`` fraction of the tasks when ``value`` is None."""
         cfg = self.config
         if value is not None:
-            kl_hvp = objective.kl_hessian_product(self.params, value, self.structured_hvp)
+            kl_hvp = objective.kl_hessian_product(self.trpo_params, value, self.structured_hvp)
 
             def hvp(v: Tensor) -> Tensor:
-                return flat(kl_hvp(list(unflat(v, self.params).values()))) + cfg.cg_damping * v
+                return (flat(kl_hvp(list(unflat(v, self.trpo_params).values())))
+                        + cfg.cg_damping * v)
 
             return hvp
-        params = list(self.params.values())
+        params = list(self.trpo_params.values())
         n = objective.batch.pre.num_tasks
         k = max(1, math.ceil(cfg.hvp_subsample * n))
         kl = objective.kl_on_tasks(self.params, torch.arange(k))
@@ -239,11 +295,18 @@ class ProMPMetaOptimizer(GradientMetaOptimizer):
                 **stats}
 
 
-def make_meta_optimizer(meta_params: Params, config) -> MetaOptimizer:
+def make_meta_optimizer(meta_params: Params, config, step_size_lr: float | None = None
+                        ) -> MetaOptimizer:
+    """The meta-optimizer ``config`` names; ``step_size_lr`` (TRPO only) gives learned step
+    sizes an Adam step of their own."""
+    if step_size_lr is not None and config.name != "trpo":
+        raise ValueError(f"step_size_lr updates learned step sizes apart from TRPO; "
+                         f"meta-optimizer {config.name!r} updates them with the policy: "
+                         "leave step_size_lr out")
     if config.name in ("adam", "sgd"):
         return GradientMetaOptimizer(meta_params, config)
     if config.name == "trpo":
-        return TRPOMetaOptimizer(meta_params, config)
+        return TRPOMetaOptimizer(meta_params, config, step_size_lr)
     if config.name == "promp":
         return ProMPMetaOptimizer(meta_params, config)
     raise ValueError(f"unknown meta-optimizer {config.name!r}; choose adam, sgd, trpo or promp")

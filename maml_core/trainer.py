@@ -70,9 +70,11 @@ class MetaLearner:
         self.policy.to(device=self.device, dtype=self.dtype)
         params = self.policy.params()
         if config.inner.learn_step_size:
-            params.update(init_step_sizes(params, config.inner.step_size))
+            params.update(init_step_sizes(params, config.inner.step_size,
+                                          config.inner.step_size_per))
         self.meta_params: Params = {k: v.requires_grad_() for k, v in params.items()}
-        self.optimizer = make_meta_optimizer(self.meta_params, config.meta_optimizer)
+        self.optimizer = make_meta_optimizer(self.meta_params, config.meta_optimizer,
+                                             config.inner.step_size_lr)
         self.iteration = 0
         self.rejected_in_a_row = 0
         self.pool = EnvPool(self.family, self.device, self.dtype) if self.rl else None

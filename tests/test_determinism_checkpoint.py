@@ -39,6 +39,8 @@ def _assert_identical(a, b):
 
 CASES = [("navigation2d", "trpo", {}), ("navigation2d", "adam", {}),
          ("navigation2d", "adam", {"inner": {"learn_step_size": True}}),
+         ("navigation2d", "trpo", {"inner": {"learn_step_size": True, "step_size_per": "layer",
+                                             "step_size_lr": 0.01}}),
          ("sinusoid", "adam", {})]
 
 

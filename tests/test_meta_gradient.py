@@ -183,6 +183,8 @@ def _learner(optimizer=None, **inner):
 
 @pytest.mark.parametrize("inner", [{"num_steps": 1}, {"num_steps": 2},
                                    {"num_steps": 1, "learn_step_size": True},
+                                   {"num_steps": 1, "learn_step_size": True,
+                                    "step_size_per": "layer"},
                                    {"num_steps": 2, "first_order": True}])
 def test_adapted_parameters_match_meta_objective(inner):
     learner = _learner(step_size=0.3, **inner)

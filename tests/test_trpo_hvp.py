@@ -87,19 +87,20 @@ def test_kl_hvp_matches_finite_differences_of_the_kl_gradient(inner):
     learner.close()
 
 
-# Inner steps without a chain of second-order steps (first-order, learned step sizes), and
-# chained ones for which plain double backward is asked.
-@pytest.mark.parametrize("inner,has_chain", [
-    ({"first_order": True}, False), ({"learn_step_size": True}, False),
-    ({"num_steps": 2, "fresh_episodes": True, "learn_step_size": True}, False),
-    ({"num_steps": 2, "fresh_episodes": True, "first_order": True}, False),
-    ({}, True), (MULTI_STEP[-2], True)])
-def test_kl_hvp_falls_back_to_double_backward(inner, has_chain):
+# Inner steps without a chain of second-order steps (first-order); chained ones whose learned
+# step sizes TRPO steps with the policy (the product differentiates through them); and chained
+# ones for which plain double backward is asked.
+@pytest.mark.parametrize("inner,has_chain,structured", [
+    ({"first_order": True}, False, True), ({"learn_step_size": True}, True, True),
+    ({"num_steps": 2, "fresh_episodes": True, "learn_step_size": True}, True, True),
+    ({"num_steps": 2, "fresh_episodes": True, "first_order": True}, False, True),
+    ({}, True, False), (MULTI_STEP[-2], True, False)])
+def test_kl_hvp_falls_back_to_double_backward(inner, has_chain, structured):
     learner, objective = _objective(**inner)
     params = list(learner.meta_params.values())
     value = objective.at_old_policy(learner.meta_params)
     assert (value.inner is not None) == has_chain
-    hvp = objective.kl_hessian_product(learner.meta_params, value, structured=not has_chain)
+    hvp = objective.kl_hessian_product(learner.meta_params, value, structured=structured)
     assert hvp.__name__ == "generic"
     grad_kl = torch.autograd.grad(value.kl, params, create_graph=True)
     v = _vectors(params, 1)
@@ -136,3 +137,76 @@ def test_conjugate_gradient_returns_h_times_solution():
     torch.testing.assert_close(conjugate_gradient(lambda v: h @ v, b, iters=6), x)
     x_full, _ = _conjugate_gradient(lambda v: h @ v, b, iters=50)
     torch.testing.assert_close(h @ x_full, b, rtol=1e-8, atol=1e-8)
+
+
+def _spread_step_sizes(learner, seed=5):
+    """Distinct learned step sizes (per tensor, or per weight), so that D H and H D differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, v in learner.meta_params.items():
+            if k.startswith("step_size."):
+                v.copy_(0.1 + 0.4 * torch.rand(v.shape, generator=g, dtype=v.dtype))
+
+
+@pytest.mark.parametrize("per", ["layer", "weight"])
+@pytest.mark.parametrize("inner", [{}, MULTI_STEP[0], MULTI_STEP[1], MULTI_STEP[-1]])
+def test_structured_kl_hvp_with_step_sizes_of_their_own(per, inner):
+    """With ``step_size_lr`` TRPO steps the policy alone and the learned step sizes are constants
+    of its Hessian: the chained product (A w = w - D H w, A^T w = w - H D w) equals double
+    backward in the policy's parameters."""
+    learner, objective = _objective(learn_step_size=True, step_size_per=per, step_size_lr=1e-3,
+                                    **inner)
+    _spread_step_sizes(learner)
+    theta = learner.optimizer.trpo_params
+    sizes = [v for k, v in learner.meta_params.items() if k.startswith("step_size.")]
+    assert not any(k.startswith("step_size.") for k in theta) and len(theta) == len(sizes) == 5
+    assert all(v.dim() == (0 if per == "layer" else v.dim()) for v in sizes)
+    assert len({float(v.detach().flatten()[0]) for v in sizes}) == len(sizes)
+    params = list(theta.values())
+    value = objective.at_old_policy(learner.meta_params)
+    hvp = objective.kl_hessian_product(theta, value)
+    assert hvp.__name__ == "chained"
+    grad_kl = torch.autograd.grad(value.kl, params, create_graph=True)
+    for seed in range(2):
+        v = _vectors(params, seed)
+        dot = sum((g * x).sum() for g, x in zip(grad_kl, v))
+        expected = flat(torch.autograd.grad(dot, params, retain_graph=True))
+        got = flat(hvp(v))
+        assert float((got - expected).norm() / expected.norm()) < 1e-10
+    learner.close()
+
+
+def test_trpo_gives_step_sizes_an_adam_step_of_their_own():
+    """TRPO's step moves the policy within max_kl; the step sizes move by Adam's first step,
+    lr * g / (|g| + eps), on the surrogate's gradient at the old policy."""
+    lr = 1e-3
+    learner, objective = _objective(learn_step_size=True, step_size_per="layer",
+                                    step_size_lr=lr)
+    _spread_step_sizes(learner)
+    sizes = {k: v for k, v in learner.meta_params.items() if k.startswith("step_size.")}
+    before = {k: v.detach().clone() for k, v in learner.meta_params.items()}
+    value = objective.at_old_policy(learner.meta_params, kind="surrogate")
+    grads = dict(zip(sizes, torch.autograd.grad(value.loss, list(sizes.values()))))
+    del value
+    # a fresh Adam: its first step
+    learner.optimizer.size_optimizer.torch_optimizer.state.clear()
+    stats = learner.optimizer.step(objective)
+    assert stats["rejected"] == 0.0 and stats["kl"] <= learner.config.meta_optimizer.max_kl
+    for k, v in learner.meta_params.items():
+        if k in sizes:
+            expected = before[k] - lr * grads[k] / (grads[k].abs() + 1e-8)
+            torch.testing.assert_close(v.detach(), expected, rtol=0, atol=1e-12)
+            assert abs(float(v - before[k])) > 0.9 * lr
+        else:
+            assert not torch.equal(v.detach(), before[k])  # TRPO moved the policy
+    assert stats["step_size_min"] == min(float(v) for v in sizes.values())
+    # and the optimizer state round-trips (the checkpoint's tensors and JSON)
+    tensors, meta = learner.optimizer.state_dict()
+    assert tensors and all(k.startswith("step_size_adam.") for k in tensors)
+    other, _ = _objective(learn_step_size=True, step_size_per="layer", step_size_lr=lr)
+    other.optimizer.load_state_dict(tensors, meta)
+    again, _ = other.optimizer.state_dict()
+    assert tensors.keys() == again.keys()
+    assert all(torch.equal(tensors[k], again[k]) for k in tensors)
+    learner.close()
+    other.close()
