@@ -172,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a command line argparse rejects (one line, code 2)
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    if argv is None:  # the program itself (not a call from Python): it may restart
+        from maml_core.allocator import AllocatorError, exec_requested_allocator
+
+        try:
+            exec_requested_allocator(sys.argv)
+        except AllocatorError as exc:
+            print(f"maml {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
         configure_environment(verbose=args.verbose)
     except OSError as exc:  # MAML_HOME under a file, on a full or read-only disk, ...

@@ -80,6 +80,7 @@ from flows.policy_model import (
     read_policy_files,
 )
 from flows.settings import maml_home
+from maml_core.allocator import allocator_in_use
 from maml_core.faults import fault_point
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +98,9 @@ TAG_ITERATION = "maml.iteration"
 TAG_POLICY_CLASS = "maml.policy_class"
 TAG_TRUNCATED_PARAMS = "maml.truncated_params"
 TAG_COMMAND = "maml.command"
+# The malloc the process ran on (glibc, or jemalloc with MAML_ALLOCATOR=jemalloc); a resume
+# overwrites it with its own.
+TAG_ALLOCATOR = "maml.allocator"
 # Set on each ``maml train --resume``: <prefix><unix seconds> = the iteration it resumed at, and
 # the command line that resumed it (same suffix).
 TAG_RESUMED_AT = "maml.resumed_at_"
@@ -410,6 +414,7 @@ def start_run(cfg: TrackingConfig | None = None, run_name: str | None = None,
                                                         cfg.registered_model_name)
     if _COMMAND and not resume_run_id:
         all_tags[TAG_COMMAND] = _COMMAND
+    all_tags[TAG_ALLOCATOR] = allocator_in_use()
     all_tags.update(tags or {})
     if resume_run_id:
         run = get_run(resume_run_id)

@@ -43,7 +43,8 @@ and the process at 3,259 MB; with this one it held 0.88 GB, 2,293 against 1,998 
 1,677 MB, and 2,701 MB. What remains after an evaluation (+15% here) is fragmentation: the
 iteration's blocks no longer fit where they did (with 40 ant-dir tasks the peak went from 3.6 to
 6.4-7.9 GB). An evaluation in a thread of its own (an arena of its own) made that worse in a
-small run (docs/results/EXPERIMENTS.md); preloading jemalloc avoids it (README, Reliability),
+small run (docs/results/EXPERIMENTS.md); preloading jemalloc avoids it (README, Reliability;
+``MAML_ALLOCATOR=jemalloc`` makes ``maml`` restart itself under it, ``exec_requested_allocator``),
 and the glibc calls here then act on glibc's heap, which holds next to nothing. ``memory_peak_mb``
 (per meta-iteration, ``peak_resident_bytes`` after ``reset_peak_resident``) records it,
 ``memory_peak_evaluate_mb`` an evaluation's, and ``memory_peak_process_mb``, logged once at
@@ -62,6 +63,84 @@ _M_MMAP_THRESHOLD = -3
 MIB = 1 << 20
 MMAP_THRESHOLD = 32 * MIB  # glibc's upper limit for this setting on 64-bit systems
 TRIM_THRESHOLD = 512 * MIB
+
+# Where Debian, Ubuntu and Fedora put jemalloc (``apt-get install libjemalloc2``, ``dnf install
+# jemalloc``), after ``MAML_JEMALLOC_PATH`` and the linker's own search.
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
+                  "/usr/local/lib/libjemalloc.so.2")
+ALLOCATORS = ("glibc", "jemalloc")
+_EXEC_GUARD = "MAML_ALLOCATOR_RESTARTED"
+
+
+class AllocatorError(RuntimeError):
+    """``MAML_ALLOCATOR`` asks for an allocator this machine cannot give."""
+
+
+def allocator_in_use() -> str:
+    """The malloc this process runs on: ``jemalloc`` when it is mapped in (preloaded), ``glibc``
+    on glibc, else ``system``; ``unknown`` where ``/proc`` cannot tell."""
+    try:
+        with open("/proc/self/maps") as f:
+            if "jemalloc" in f.read():
+                return "jemalloc"
+    except OSError:
+        return "unknown"
+    try:
+        if hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
+            return "glibc"
+    except OSError:
+        pass
+    return "system"
+
+
+def find_jemalloc() -> str | None:
+    """A jemalloc shared library to preload: ``MAML_JEMALLOC_PATH``, the linker's, or one of
+    ``JEMALLOC_PATHS``; None if there is none."""
+    given = os.environ.get("MAML_JEMALLOC_PATH")
+    if given:
+        return given
+    for path in JEMALLOC_PATHS:
+        if os.path.exists(path):
+            return path
+    return ctypes.util.find_library("jemalloc")
+
+
+def exec_requested_allocator(argv: list[str]) -> None:
+    """With ``MAML_ALLOCATOR=jemalloc``, restart this program (``argv``, as ``sys.argv``) with
+    jemalloc preloaded, unless it already runs on it; returns only when nothing needs to change.
+    Same numbers, another heap: after held-out evaluations glibc's fragments and large
+    meta-batches pay for it (README, Reliability). Raises ``AllocatorError`` for an unknown
+    value, a missing library, or a restart that did not load it -- before any work starts."""
+    wanted = os.environ.get("MAML_ALLOCATOR", "").strip().lower()
+    if wanted in ("", "glibc", "default"):
+        return
+    if wanted not in ALLOCATORS:
+        raise AllocatorError(f"MAML_ALLOCATOR={wanted!r} is not an allocator this knows; set it "
+                             f"to one of {', '.join(ALLOCATORS)}, or unset it")
+    if allocator_in_use() == "jemalloc":
+        return
+    if not sys.platform.startswith("linux"):
+        raise AllocatorError("MAML_ALLOCATOR=jemalloc preloads jemalloc with LD_PRELOAD, which "
+                             "needs Linux; unset MAML_ALLOCATOR")
+    if os.environ.get(_EXEC_GUARD):
+        raise AllocatorError(f"MAML_ALLOCATOR=jemalloc: restarted with LD_PRELOAD="
+                             f"{os.environ.get('LD_PRELOAD', '')!r} but jemalloc is not loaded; "
+                             "point MAML_JEMALLOC_PATH at a working libjemalloc.so")
+    library = find_jemalloc()
+    if library is None or (os.sep in library and not os.path.exists(library)):
+        raise AllocatorError("MAML_ALLOCATOR=jemalloc: no jemalloc library found"
+                             + (f" at MAML_JEMALLOC_PATH={library!r}" if library else "")
+                             + "; install it (Debian/Ubuntu: apt-get install libjemalloc2; "
+                             "Fedora: dnf install jemalloc) or set MAML_JEMALLOC_PATH, or "
+                             "unset MAML_ALLOCATOR")
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD")) if p)
+    env[_EXEC_GUARD] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *argv], env)
+
 
 _done = False
 _applied = False

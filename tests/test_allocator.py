@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from maml_core import allocator
@@ -83,3 +88,73 @@ def test_peak_resident_counts_from_the_last_reset():
     assert allocator.reset_peak_resident()
     assert allocator.peak_resident_bytes() < grown - 250 * MIB  # a new peak, from now
     assert allocator.process_peak_bytes() > grown - 4 * MIB  # the process's, kept across resets
+
+
+# ------------------------------------------------------------- MAML_ALLOCATOR=jemalloc
+
+
+def _restarting_program(tmp_path, env_updates):
+    """A program that calls ``exec_requested_allocator`` as ``maml`` does, then prints the
+    allocator it runs on; its exit code, stdout and stderr."""
+    script = tmp_path / "program.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from maml_core.allocator import allocator_in_use, exec_requested_allocator
+        exec_requested_allocator(sys.argv)
+        print(allocator_in_use(), sys.argv[1:])
+    """))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAML_ALLOCATOR", "MAML_JEMALLOC_PATH", "LD_PRELOAD",
+                        "MAML_ALLOCATOR_RESTARTED")}
+    env.update(env_updates)
+    done = subprocess.run([sys.executable, str(script), "an argument"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_allocator_in_use_reads_the_process_maps():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    expected = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
+    assert allocator.allocator_in_use() == expected
+
+
+def test_unset_allocator_runs_on_as_it_is(tmp_path):
+    code, out, _ = _restarting_program(tmp_path, {})
+    assert code == 0 and out.split()[0] == allocator.allocator_in_use()
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"MAML_ALLOCATOR": "tcmalloc"}, "MAML_ALLOCATOR='tcmalloc' is not an allocator this knows; "
+     "set it to one of glibc, jemalloc"),
+    ({"MAML_ALLOCATOR": "jemalloc", "MAML_JEMALLOC_PATH": "/nowhere/libjemalloc.so.2"},
+     "no jemalloc library found at MAML_JEMALLOC_PATH='/nowhere/libjemalloc.so.2'; install it "
+     "(Debian/Ubuntu: apt-get install libjemalloc2"),
+])
+def test_bad_allocator_requests_are_refused_before_work(tmp_path, env, message):
+    code, out, err = _restarting_program(tmp_path, env)
+    assert code != 0 and out == "" and message in err
+
+
+def test_a_restart_that_does_not_load_jemalloc_stops_instead_of_looping(tmp_path):
+    # A library that loads but is not jemalloc: the program restarts once, sees no jemalloc,
+    # and says so.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("LD_PRELOAD is Linux's")
+    import ctypes.util
+
+    libm = ctypes.util.find_library("m")
+    if libm is None:
+        pytest.skip("no libm to preload")
+    code, out, err = _restarting_program(tmp_path, {"MAML_ALLOCATOR": "jemalloc",
+                                                    "MAML_JEMALLOC_PATH": libm})
+    assert code != 0 and out == ""
+    assert f"restarted with LD_PRELOAD={libm!r} but jemalloc is not loaded" in err
+
+
+def test_jemalloc_requested_restarts_the_program_on_it(tmp_path):
+    if allocator.find_jemalloc() is None or not sys.platform.startswith("linux"):
+        pytest.skip("no jemalloc on this machine (apt-get install libjemalloc2)")
+    code, out, err = _restarting_program(tmp_path, {"MAML_ALLOCATOR": "jemalloc"})
+    assert code == 0, err
+    assert out.strip() == "jemalloc ['an argument']"  # the same program, the same arguments

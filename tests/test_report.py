@@ -54,8 +54,11 @@ def store(pipeline):
 
 
 def test_runs_record_their_command_line(store):
+    from maml_core.allocator import allocator_in_use
+
     for kind, run in store["runs"].items():
         assert run.data.tags["maml.command"] == shlex.join(["maml", *store["argv"][kind]])
+        assert run.data.tags["maml.allocator"] == allocator_in_use()  # glibc here
 
 
 def test_report_has_our_numbers_the_papers_and_plots(store, tmp_path, capsys):
