@@ -196,10 +196,10 @@ def test_trpo_gives_step_sizes_an_adam_step_of_their_own():
         if k in sizes:
             expected = before[k] - lr * grads[k] / (grads[k].abs() + 1e-8)
             torch.testing.assert_close(v.detach(), expected, rtol=0, atol=1e-12)
-            assert abs(float(v - before[k])) > 0.9 * lr
+            assert abs(float(v.detach() - before[k])) > 0.9 * lr
         else:
             assert not torch.equal(v.detach(), before[k])  # TRPO moved the policy
-    assert stats["step_size_min"] == min(float(v) for v in sizes.values())
+    assert stats["step_size_min"] == min(float(v.detach()) for v in sizes.values())
     # and the optimizer state round-trips (the checkpoint's tensors and JSON)
     tensors, meta = learner.optimizer.state_dict()
     assert tensors and all(k.startswith("step_size_adam.") for k in tensors)
