@@ -33,6 +33,17 @@ def _vectors(params, seed):
     return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
 
 
+def _assert_equals_double_backward(hvp, kl, params, seeds):
+    """``hvp(v)`` is ``(d^2 kl / d params^2) v`` by plain double backward, for random ``v``."""
+    grad_kl = torch.autograd.grad(kl, params, create_graph=True)
+    for seed in seeds:
+        v = _vectors(params, seed)
+        dot = sum((g * x).sum() for g, x in zip(grad_kl, v))
+        expected = flat(torch.autograd.grad(dot, params, retain_graph=True))
+        got = flat(hvp(v))
+        assert float((got - expected).norm() / expected.norm()) < 1e-10
+
+
 # Several inner steps: on the same episodes, on fresh ones (the last one scored), and on fresh
 # ones with every step scored (a KL term per step).
 MULTI_STEP = [{"num_steps": 2},
@@ -57,13 +68,7 @@ def test_structured_kl_hvp_equals_double_backward(family, activation, inner):
     assert len(value.inner.steps) == inner.get("num_steps", 1)
     hvp = objective.kl_hessian_product(learner.meta_params, value)
     assert hvp.__name__ == "chained"
-    grad_kl = torch.autograd.grad(value.kl, params, create_graph=True)
-    for seed in range(3):
-        v = _vectors(params, seed)
-        dot = sum((g * x).sum() for g, x in zip(grad_kl, v))
-        expected = flat(torch.autograd.grad(dot, params, retain_graph=True))
-        got = flat(hvp(v))
-        assert float((got - expected).norm() / expected.norm()) < 1e-10
+    _assert_equals_double_backward(hvp, value.kl, params, seeds=range(3))
     learner.close()
 
 
@@ -166,13 +171,7 @@ def test_structured_kl_hvp_with_step_sizes_of_their_own(per, inner):
     value = objective.at_old_policy(learner.meta_params)
     hvp = objective.kl_hessian_product(theta, value)
     assert hvp.__name__ == "chained"
-    grad_kl = torch.autograd.grad(value.kl, params, create_graph=True)
-    for seed in range(2):
-        v = _vectors(params, seed)
-        dot = sum((g * x).sum() for g, x in zip(grad_kl, v))
-        expected = flat(torch.autograd.grad(dot, params, retain_graph=True))
-        got = flat(hvp(v))
-        assert float((got - expected).norm() / expected.norm()) < 1e-10
+    _assert_equals_double_backward(hvp, value.kl, params, seeds=range(2))
     learner.close()
 
 
