@@ -65,7 +65,7 @@ MMAP_THRESHOLD = 32 * MIB  # glibc's upper limit for this setting on 64-bit syst
 TRIM_THRESHOLD = 512 * MIB
 
 # Where Debian, Ubuntu and Fedora put jemalloc (``apt-get install libjemalloc2``, ``dnf install
-# jemalloc``), after ``MAML_JEMALLOC_PATH`` and the linker's own search.
+# jemalloc``): looked for after ``MAML_JEMALLOC_PATH``, before the linker's own search.
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
                   "/usr/local/lib/libjemalloc.so.2")
@@ -95,8 +95,8 @@ def allocator_in_use() -> str:
 
 
 def find_jemalloc() -> str | None:
-    """A jemalloc shared library to preload: ``MAML_JEMALLOC_PATH``, the linker's, or one of
-    ``JEMALLOC_PATHS``; None if there is none."""
+    """A jemalloc shared library to preload: ``MAML_JEMALLOC_PATH``, else the first of
+    ``JEMALLOC_PATHS`` that exists, else the linker's; None if there is none."""
     given = os.environ.get("MAML_JEMALLOC_PATH")
     if given:
         return given

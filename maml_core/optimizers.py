@@ -168,9 +168,8 @@ class TRPOMetaOptimizer(MetaOptimizer):
             "name": "adam", "lr": step_size_lr, "max_grad_norm": None})) if sizes else None)
 
     def step(self, objective: MetaObjective) -> dict[str, float]:
-        stats = self._trpo_step(objective)
-        size_grads = stats.pop("_size_grads", None)
-        if size_grads is not None:
+        stats, size_grads = self._trpo_step(objective)
+        if size_grads:
             size_stats = self.size_optimizer.apply_grads(size_grads)
             stats["step_size_grad_norm"] = size_stats["grad_norm"]
             stats["step_size_rejected"] = size_stats["rejected"]
@@ -180,7 +179,10 @@ class TRPOMetaOptimizer(MetaOptimizer):
                          step_size_max=float(values.max()))
         return stats
 
-    def _trpo_step(self, objective: MetaObjective) -> dict:
+    def _trpo_step(self, objective: MetaObjective) -> tuple[dict[str, float], list[Tensor]]:
+        """TRPO's step on ``trpo_params``: its statistics, and the surrogate's gradient in the
+        step sizes that have an optimizer of their own (empty if none, or if TRPO found no
+        finite direction)."""
         cfg = self.config
         params = list(self.trpo_params.values())
         sizes = list(self.size_optimizer.params.values()) if self.size_optimizer else []
@@ -189,12 +191,12 @@ class TRPOMetaOptimizer(MetaOptimizer):
         loss_before = value.loss.detach()
         exact = cfg.hvp_subsample >= 1.0
         grads = torch.autograd.grad(value.loss, params + sizes, retain_graph=exact)
-        grads, size_grads = grads[:len(params)], grads[len(params):]
+        grads, size_grads = grads[:len(params)], list(grads[len(params):])
         g = flat(grads)
         gnorm = g.norm()
         if not _finite(g):
             return {"meta_loss": float(loss_before), "grad_norm": float(gnorm),
-                    "rejected": 1.0, "line_search_steps": 0.0, "kl": float("nan")}
+                    "rejected": 1.0, "line_search_steps": 0.0, "kl": float("nan")}, []
         hvp = self._kl_hvp(objective, value if exact else None)
         del value
         direction, h_direction = _conjugate_gradient(hvp, -g, cfg.cg_iters)
@@ -202,10 +204,9 @@ class TRPOMetaOptimizer(MetaOptimizer):
         shs = 0.5 * (direction @ h_direction)
         if not (_finite(direction) and shs > 0):
             return {"meta_loss": float(loss_before), "grad_norm": float(gnorm),
-                    "rejected": 1.0, "line_search_steps": 0.0, "kl": float("nan")}
+                    "rejected": 1.0, "line_search_steps": 0.0, "kl": float("nan")}, []
         full_step = direction * torch.sqrt(2.0 * cfg.max_kl / (2.0 * shs))
         old = [p.detach().clone() for p in params]
-        base = {"_size_grads": size_grads} if sizes else {}  # for the step sizes' own step
         for i in range(cfg.line_search_steps):
             frac = cfg.line_search_backtrack ** i
             with torch.no_grad():
@@ -218,12 +219,12 @@ class TRPOMetaOptimizer(MetaOptimizer):
             if math.isfinite(loss) and loss < float(loss_before) and kl_new <= cfg.max_kl:
                 return {"meta_loss": float(loss_before), "meta_loss_after": loss,
                         "grad_norm": float(gnorm), "kl": kl_new, "rejected": 0.0,
-                        "line_search_steps": float(i + 1), **base}
+                        "line_search_steps": float(i + 1)}, size_grads
         with torch.no_grad():
             for p, o in zip(params, old):
                 p.copy_(o)
         return {"meta_loss": float(loss_before), "grad_norm": float(gnorm), "kl": float("nan"),
-                "rejected": 1.0, "line_search_steps": float(cfg.line_search_steps), **base}
+                "rejected": 1.0, "line_search_steps": float(cfg.line_search_steps)}, size_grads
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
         """The step sizes' Adam state, when they have their own optimizer (TRPO keeps none)."""
