@@ -86,12 +86,16 @@ def allocator_in_use() -> str:
                 return "jemalloc"
     except OSError:
         return "unknown"
+    return "glibc" if _glibc() is not None else "system"
+
+
+def _glibc():
+    """The C library, if it is glibc (its malloc settings and ``malloc_trim``); else None."""
     try:
-        if hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
-            return "glibc"
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
-        pass
-    return "system"
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
 
 
 def find_jemalloc() -> str | None:
@@ -158,12 +162,12 @@ def tune_allocator() -> bool:
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                                      "GLIBC_TUNABLES")):
         return False
+    libc = _glibc()
+    if libc is None:  # not glibc (e.g. musl): leave it be
+        return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (e.g. musl): leave it be
-            return False
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
