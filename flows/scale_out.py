@@ -154,7 +154,7 @@ def collect_shard_padded(learner: MetaLearner, params: Params, tasks: pd.DataFra
     torch runs with the same number of threads (see the module docstring).
     """
     cfg = learner.config
-    e = cfg.episodes_per_task
+    e = learner.episodes_for(phase)
     env = learner.pool.get(tasks, e, learner.horizon)
     seeds = task_seeds(cfg.seed, iteration, phase, tasks[TASK_ID])
     theta, _ = split_meta_params(params)

@@ -85,6 +85,11 @@ class InnerConfig(_Strict):
         False, description="with fresh_episodes: the meta-loss is the mean of the losses after "
         "each inner step, each on the episodes its policy sampled (off: after the last step "
         "only); TRPO's max_kl then bounds the mean of the steps' KL divergences")
+    episodes_per_task: int | None = Field(
+        None, ge=1, description="episodes per task that the inner steps adapt on in "
+        "meta-training (the pre-update episodes, and each fresh set with fresh_episodes); "
+        "None: episodes_per_task, which the post-update episodes of the meta-loss keep. The "
+        "evaluation adapts on evaluation.episodes_per_task either way")
 
 
 class MetaOptimizerConfig(_Strict):
@@ -149,10 +154,11 @@ class MAMLConfig(_Strict):
             raise ValueError(f"task.options: {exc}{_accepted_options(self.task.family)}"
                              ) from None
         family.check_environment()  # e.g. MAML_ENV_THREADS: a clear error before any work
-        if family.kind == "supervised" and self.inner.fresh_episodes:
-            raise ValueError("inner.fresh_episodes: supervised families adapt on their "
-                             f"support set ({self.task.family} samples no episodes); leave it "
-                             "out")
+        for key in ("fresh_episodes", "episodes_per_task"):
+            if family.kind == "supervised" and getattr(self.inner, key):
+                raise ValueError(f"inner.{key}: supervised families adapt on their support "
+                                 f"set ({self.task.family} samples no episodes; k_shot sets "
+                                 "its size); leave it out")
         ev = self.evaluation
         if ev.validation_tasks and not ev.every:
             raise ValueError("evaluation.validation_tasks selects among the models validated "

@@ -88,12 +88,20 @@ class MetaLearner:
                 episodes_per_task: int | None = None) -> Episodes:
         """Episodes of ``params`` (shared or one set per task) on ``tasks``, with advantages."""
         cfg = self.config
-        env = self.pool.get(tasks, episodes_per_task or cfg.episodes_per_task, self.horizon)
+        env = self.pool.get(tasks, episodes_per_task or self.episodes_for(stage), self.horizon)
         seeds = task_seeds(cfg.seed, iteration, stage, tasks[TASK_ID])
         theta, _ = split_meta_params(params)
         episodes = collect_episodes(env, self.policy, theta, seeds, self.horizon,
                                     context=f"iteration {iteration}, phase {stage!r}")
         return process_episodes(episodes, cfg.gamma, cfg.gae_lambda, cfg.normalize_advantages)
+
+    def episodes_for(self, stage: str) -> int:
+        """Episodes per task that meta-training samples in phase ``stage``: the inner steps'
+        (``pre`` and the fresh ``later_phases``) take ``inner.episodes_per_task`` where set."""
+        inner = self.config.inner
+        if inner.episodes_per_task and (stage == "pre" or stage in self.later_phases):
+            return inner.episodes_per_task
+        return self.config.episodes_per_task
 
     @property
     def later_phases(self) -> list[str]:

@@ -35,8 +35,8 @@ def _policy(seed: int = 0) -> GaussianMLPPolicy:
     return policy
 
 
-def _episodes(policy, params, seeds, tasks):
-    env = Navigation2D().make_env(tasks, episodes_per_task=4, horizon=12, dtype=DTYPE)
+def _episodes(policy, params, seeds, tasks, episodes_per_task=4):
+    env = Navigation2D().make_env(tasks, episodes_per_task, horizon=12, dtype=DTYPE)
     episodes = collect_episodes(env, policy, params, seeds)
     # Cut some episodes short by hand so that the masked paths are exercised too.
     masks = episodes.masks.clone()
@@ -141,6 +141,20 @@ def test_second_order_meta_gradient_matches_finite_differences(setup, num_steps)
     assert _rel_err(first, fd) > 1e-2
 
 
+def test_meta_gradient_with_more_inner_than_outer_episodes_matches_finite_differences(setup):
+    # inner.episodes_per_task: the inner step adapts on 6 episodes per task, the meta-loss
+    # scores 4; each task's inner loss averages over its own 6.
+    policy, theta, _, post = setup
+    tasks = Navigation2D().sample_tasks(3, np.random.default_rng(5))
+    pre = _episodes(policy, theta, [31, 32, 33], tasks, episodes_per_task=6)
+    assert (pre.episodes_per_task, post.episodes_per_task) == (6, 4)
+    objective = MetaObjective(policy, MetaBatch(pre, post), ALPHA, 1)
+    grad = _grad(objective, theta)
+    assert _rel_err(grad, _finite_differences(objective, theta)) < 1e-3
+    ref = _reference_gradient(policy, pre, post, theta, 1, first_order=False)
+    assert _rel_err(grad, ref) < 1e-10
+
+
 @pytest.mark.parametrize("num_steps", [1, 2])
 def test_first_order_meta_gradient_detaches_the_inner_gradient(setup, num_steps):
     policy, theta, pre, post = setup
@@ -185,13 +199,16 @@ def _learner(optimizer=None, **inner):
                                    {"num_steps": 1, "learn_step_size": True},
                                    {"num_steps": 1, "learn_step_size": True,
                                     "step_size_per": "layer"},
-                                   {"num_steps": 2, "first_order": True}])
+                                   {"num_steps": 2, "first_order": True},
+                                   {"num_steps": 1, "episodes_per_task": 6}])
 def test_adapted_parameters_match_meta_objective(inner):
     learner = _learner(step_size=0.3, **inner)
     tasks = learner.sample_tasks(0)
     pre = learner.collect(learner.meta_params, tasks, 0, "pre")
     phi = learner.adapt(pre)
     post = learner.collect(phi, tasks, 0, "post")
+    assert (pre.episodes_per_task, post.episodes_per_task) == (inner.get("episodes_per_task", 4),
+                                                               4)
     value = learner.objective(pre, post)(learner.meta_params)
     assert set(value.adapted) == set(phi)
     for k, v in phi.items():
@@ -373,6 +390,38 @@ def test_learner_with_fresh_episodes_samples_each_inner_step_anew():
     assert stats["env_steps"] == sum(e.num_steps for e in (*sets, post))
     assert stats["post_return"] == pytest.approx(float(post.task_returns().mean()), rel=1e-12)
     assert not learner.objective(sets[0], post, tuple(sets[1:])).every_step
+    learner.close()
+
+
+def test_inner_episodes_per_task_sets_every_inner_phase_and_the_meta_update_runs_on_them():
+    # TRPO with per-layer step sizes of their own: its chained Hessian products take the inner
+    # steps' 6-episode sets and the meta-loss's 4-episode set.
+    learner = _learner(step_size=0.3, num_steps=2, fresh_episodes=True, episodes_per_task=6,
+                       learn_step_size=True, step_size_per="layer", step_size_lr=0.01,
+                       optimizer={"name": "trpo"})
+    assert {p: learner.episodes_for(p) for p in ("pre", "pre1", "post", "pretrain")} == {
+        "pre": 6, "pre1": 6, "post": 4, "pretrain": 4}
+    tasks = learner.sample_tasks(0)
+    pre = learner.collect(learner.meta_params, tasks, 0, "pre")
+    (mid,), phi, _ = learner.adapt_all(pre, tasks, 0)
+    post = learner.collect(phi, tasks, 0, "post")
+    assert [e.episodes_per_task for e in (pre, mid, post)] == [6, 6, 4]
+    objective = learner.objective(pre, post, (mid,))
+    theta = {k: v.detach().clone() for k, v in learner.meta_params.items()}
+    stats = learner.step().stats
+    assert stats["env_steps"] == sum(e.num_steps for e in (pre, mid, post))
+    assert stats["rejected_in_a_row"] == 0
+    # TRPO's statistics are those of the objective on these episodes at its new theta (the
+    # step sizes' own Adam step comes after it), within its KL bound.
+    objective.set_old_policy(theta)
+    new = {k: theta[k] if k.startswith("step_size.") else v.detach()
+           for k, v in learner.meta_params.items()}
+    after = objective(new, kind="surrogate")
+    assert 0 < stats["kl"] == pytest.approx(float(after.kl), rel=1e-9)
+    assert stats["kl"] <= 0.01
+    assert stats["meta_loss_after"] == pytest.approx(float(after.loss), rel=1e-9)
+    assert all(not torch.equal(v, theta[k]) for k, v in learner.meta_params.items()
+               if k.startswith("step_size."))
     learner.close()
 
 

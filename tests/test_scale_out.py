@@ -20,8 +20,9 @@ SMALL = ["meta_batch_size=4", "episodes_per_task=5", "evaluation.every=2",
 FAMILIES = {
     # 5 tasks x 3 episodes in 3 shards of 1, 2 and 2 tasks: row counts (3, 6, 6 vs 15) for which
     # an unpadded matrix product does not round like the full batch's.
+    # Its inner step adapts on 4 episodes per task, the meta-loss's post-update phase has 3.
     "navigation2d": ["task.family=navigation2d", "meta_batch_size=5", "episodes_per_task=3",
-                     "task.horizon=30", "pipeline.dask_shards=3"],
+                     "inner.episodes_per_task=4", "task.horizon=30", "pipeline.dask_shards=3"],
     "halfcheetah-vel": ["task.family=halfcheetah-vel", "meta_batch_size=4",
                         "episodes_per_task=2", "task.horizon=20"],
 }
@@ -78,9 +79,12 @@ def test_sharded_collection_on_dask_equals_local(cluster, family):
         assert collector.last["shards"] == (config.pipeline.dask_shards or 2)
         assert len(set(collector.last["worker_pids"])) == 2  # both workers did a shard
         assert_same_episodes(sharded_pre, pre)
+        assert pre.episodes_per_task == (config.inner.episodes_per_task
+                                         or config.episodes_per_task)
         adapted = learner.adapt(pre)  # one parameter set per task
         post = learner.collect(adapted, tasks, 3, "post")
         assert_same_episodes(collector.collect(adapted, tasks, 3, "post"), post)
+        assert post.episodes_per_task == config.episodes_per_task
     finally:
         collector.close()
         learner.close()
