@@ -84,11 +84,12 @@ class MetaLearner:
         rng = np.random.default_rng(derive_seed(self.config.seed, iteration, "sample_tasks"))
         return self.family.sample_tasks(n or self.config.meta_batch_size, rng)
 
-    def collect(self, params: Params, tasks: pd.DataFrame, iteration: int, stage: str,
-                episodes_per_task: int | None = None) -> Episodes:
-        """Episodes of ``params`` (shared or one set per task) on ``tasks``, with advantages."""
+    def collect(self, params: Params, tasks: pd.DataFrame, iteration: int, stage: str
+                ) -> Episodes:
+        """Episodes of ``params`` (shared or one set per task) on ``tasks``, with advantages;
+        ``episodes_for(stage)`` episodes per task."""
         cfg = self.config
-        env = self.pool.get(tasks, episodes_per_task or self.episodes_for(stage), self.horizon)
+        env = self.pool.get(tasks, self.episodes_for(stage), self.horizon)
         seeds = task_seeds(cfg.seed, iteration, stage, tasks[TASK_ID])
         theta, _ = split_meta_params(params)
         episodes = collect_episodes(env, self.policy, theta, seeds, self.horizon,
