@@ -194,17 +194,21 @@ class TRPOMetaOptimizer(MetaOptimizer):
         grads, size_grads = grads[:len(params)], list(grads[len(params):])
         g = flat(grads)
         gnorm = g.norm()
-        if not _finite(g):
+
+        def rejected(line_search_steps: int) -> dict[str, float]:
             return {"meta_loss": float(loss_before), "grad_norm": float(gnorm),
-                    "rejected": 1.0, "line_search_steps": 0.0, "kl": float("nan")}, []
+                    "kl": float("nan"), "rejected": 1.0,
+                    "line_search_steps": float(line_search_steps)}
+
+        if not _finite(g):
+            return rejected(0), []
         hvp = self._kl_hvp(objective, value if exact else None)
         del value
         direction, h_direction = _conjugate_gradient(hvp, -g, cfg.cg_iters)
         del hvp  # free the graphs before the line search
         shs = 0.5 * (direction @ h_direction)
         if not (_finite(direction) and shs > 0):
-            return {"meta_loss": float(loss_before), "grad_norm": float(gnorm),
-                    "rejected": 1.0, "line_search_steps": 0.0, "kl": float("nan")}, []
+            return rejected(0), []
         full_step = direction * torch.sqrt(2.0 * cfg.max_kl / (2.0 * shs))
         old = [p.detach().clone() for p in params]
         for i in range(cfg.line_search_steps):
@@ -223,8 +227,7 @@ class TRPOMetaOptimizer(MetaOptimizer):
         with torch.no_grad():
             for p, o in zip(params, old):
                 p.copy_(o)
-        return {"meta_loss": float(loss_before), "grad_norm": float(gnorm), "kl": float("nan"),
-                "rejected": 1.0, "line_search_steps": float(cfg.line_search_steps)}, size_grads
+        return rejected(cfg.line_search_steps), size_grads
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
         """The step sizes' Adam state, when they have their own optimizer (TRPO keeps none)."""

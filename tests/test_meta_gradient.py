@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from maml_core.adaptation import adapt_policy, init_step_sizes, split_meta_params
+from maml_core.adaptation import STEP_SIZE_PREFIX, adapt_policy, init_step_sizes, split_meta_params
 from maml_core.advantages import process_episodes
 from maml_core.config import build_config
 from maml_core.meta_objective import MetaBatch, MetaObjective
@@ -414,14 +414,14 @@ def test_inner_episodes_per_task_sets_every_inner_phase_and_the_meta_update_runs
     # TRPO's statistics are those of the objective on these episodes at its new theta (the
     # step sizes' own Adam step comes after it), within its KL bound.
     objective.set_old_policy(theta)
-    new = {k: theta[k] if k.startswith("step_size.") else v.detach()
+    new = {k: theta[k] if k.startswith(STEP_SIZE_PREFIX) else v.detach()
            for k, v in learner.meta_params.items()}
     after = objective(new, kind="surrogate")
     assert 0 < stats["kl"] == pytest.approx(float(after.kl), rel=1e-9)
     assert stats["kl"] <= 0.01
     assert stats["meta_loss_after"] == pytest.approx(float(after.loss), rel=1e-9)
     assert all(not torch.equal(v, theta[k]) for k, v in learner.meta_params.items()
-               if k.startswith("step_size."))
+               if k.startswith(STEP_SIZE_PREFIX))
     learner.close()
 
 
