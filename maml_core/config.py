@@ -76,6 +76,10 @@ class InnerConfig(_Strict):
         None, gt=0, description="with learn_step_size and TRPO: Adam's learning rate for the "
         "step sizes, which are then updated apart from TRPO's KL-bounded step (None: TRPO "
         "updates them with the policy)")
+    step_size_min: float | None = Field(
+        None, description="with step_size_lr: a floor for the learned step sizes, which are "
+        "clamped to it after each of their Adam steps (e.g. 0 keeps them from turning "
+        "negative; None: no floor)")
     fresh_episodes: bool = Field(
         False, description="with num_steps > 1: sample fresh episodes before every inner step "
         "(step k with the policy adapted k times, step size alpha then alpha / 2), as the "
@@ -174,6 +178,15 @@ class MAMLConfig(_Strict):
             raise ValueError("inner.step_size_lr updates learned step sizes apart from TRPO: "
                              "set inner.learn_step_size: true and meta_optimizer.name: trpo "
                              "with it, or leave it out")
+        if inner.step_size_min is not None:
+            if inner.step_size_lr is None:
+                raise ValueError("inner.step_size_min floors the step sizes that "
+                                 "inner.step_size_lr updates: set inner.step_size_lr with it, "
+                                 "or leave it out")
+            if inner.step_size_min > inner.step_size:
+                raise ValueError(f"inner.step_size_min ({inner.step_size_min}) is above "
+                                 f"inner.step_size ({inner.step_size}), where the learned sizes "
+                                 "start: lower step_size_min or raise step_size")
         if inner.step_size_per != "weight" and not inner.learn_step_size:
             raise ValueError("inner.step_size_per shapes learned step sizes: set "
                              "inner.learn_step_size: true with it, or leave it out")

@@ -148,15 +148,21 @@ class TRPOMetaOptimizer(MetaOptimizer):
     With ``step_size_lr``, learned step sizes (``step_size.*``) are left out of TRPO's step --
     whose KL bound gives them little room, since the KL of the adapted policies barely
     depends on them at the old policy -- and take an Adam step of their own on the gradient of
-    the same surrogate, computed in the same backward pass, after TRPO's step."""
+    the same surrogate, computed in the same backward pass, after TRPO's step; with
+    ``step_size_min`` as well, each Adam step is projected onto sizes at or above that floor."""
 
     name = "trpo"
     # Exact Hessian-vector products from chained one-step products (see
     # MetaObjective.kl_hessian_product); False takes plain double backward (bench/kl_hvp.py).
     structured_hvp = True
 
-    def __init__(self, meta_params: Params, config, step_size_lr: float | None = None):
+    def __init__(self, meta_params: Params, config, step_size_lr: float | None = None,
+                 step_size_min: float | None = None):
         super().__init__(meta_params, config)
+        if step_size_min is not None and step_size_lr is None:
+            raise ValueError("step_size_min floors the learned step sizes' own Adam step: give "
+                             "step_size_lr with it, or leave step_size_min out")
+        self.step_size_min = step_size_min
         sizes = ({k: v for k, v in meta_params.items() if k.startswith(STEP_SIZE_PREFIX)}
                  if step_size_lr is not None else {})
         if step_size_lr is not None and not sizes:
@@ -174,6 +180,9 @@ class TRPOMetaOptimizer(MetaOptimizer):
             stats["step_size_grad_norm"] = size_stats["grad_norm"]
             stats["step_size_rejected"] = size_stats["rejected"]
             with torch.no_grad():
+                if self.step_size_min is not None:
+                    for v in self.size_optimizer.params.values():
+                        v.clamp_(min=self.step_size_min)
                 values = flat(list(self.size_optimizer.params.values()))
             stats.update(step_size_min=float(values.min()), step_size_mean=float(values.mean()),
                          step_size_max=float(values.max()))
@@ -299,10 +308,10 @@ class ProMPMetaOptimizer(GradientMetaOptimizer):
                 **stats}
 
 
-def make_meta_optimizer(meta_params: Params, config, step_size_lr: float | None = None
-                        ) -> MetaOptimizer:
+def make_meta_optimizer(meta_params: Params, config, step_size_lr: float | None = None,
+                        step_size_min: float | None = None) -> MetaOptimizer:
     """The meta-optimizer ``config`` names; ``step_size_lr`` (TRPO only) gives learned step
-    sizes an Adam step of their own."""
+    sizes an Adam step of their own, ``step_size_min`` a floor for it."""
     if step_size_lr is not None and config.name != "trpo":
         raise ValueError(f"step_size_lr updates learned step sizes apart from TRPO; "
                          f"meta-optimizer {config.name!r} updates them with the policy: "
@@ -310,7 +319,7 @@ def make_meta_optimizer(meta_params: Params, config, step_size_lr: float | None 
     if config.name in ("adam", "sgd"):
         return GradientMetaOptimizer(meta_params, config)
     if config.name == "trpo":
-        return TRPOMetaOptimizer(meta_params, config, step_size_lr)
+        return TRPOMetaOptimizer(meta_params, config, step_size_lr, step_size_min)
     if config.name == "promp":
         return ProMPMetaOptimizer(meta_params, config)
     raise ValueError(f"unknown meta-optimizer {config.name!r}; choose adam, sgd, trpo or promp")

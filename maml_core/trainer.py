@@ -74,7 +74,8 @@ class MetaLearner:
                                           config.inner.step_size_per))
         self.meta_params: Params = {k: v.requires_grad_() for k, v in params.items()}
         self.optimizer = make_meta_optimizer(self.meta_params, config.meta_optimizer,
-                                             config.inner.step_size_lr)
+                                             config.inner.step_size_lr,
+                                             config.inner.step_size_min)
         self.iteration = 0
         self.rejected_in_a_row = 0
         self.pool = EnvPool(self.family, self.device, self.dtype) if self.rl else None

@@ -33,7 +33,7 @@ KNOWN = {
     "task": ["family", "horizon", "options", "test_tasks"],
     "policy": ["hidden_sizes", "activation", "init_log_std", "min_log_std"],
     "inner": ["step_size", "num_steps", "first_order", "learn_step_size", "step_size_per",
-              "step_size_lr", "episodes_per_task"],
+              "step_size_lr", "step_size_min", "episodes_per_task"],
     "meta_optimizer": ["name", "lr", "max_grad_norm", "max_kl", "cg_iters", "cg_damping",
                        "line_search_steps", "line_search_backtrack", "hvp_subsample",
                        "clip_eps", "epochs", "max_rejected_updates"],

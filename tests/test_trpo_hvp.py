@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maml_core.config import build_config
-from maml_core.optimizers import _conjugate_gradient, conjugate_gradient, flat
+from maml_core.optimizers import _conjugate_gradient, conjugate_gradient, flat, make_meta_optimizer
 from maml_core.trainer import MetaLearner
 
 
@@ -209,3 +209,34 @@ def test_trpo_gives_step_sizes_an_adam_step_of_their_own():
     assert all(torch.equal(tensors[k], again[k]) for k in tensors)
     learner.close()
     other.close()
+
+
+def test_step_size_floor_projects_the_adam_step():
+    """With ``step_size_min`` the sizes' Adam step is clamped from below: a size whose step
+    lands under the floor sits on it, the others move as Adam's first step alone moves them."""
+    lr, floor = 1e-3, 0.3
+    learner, objective = _objective(learn_step_size=True, step_size_per="layer",
+                                    step_size_lr=lr, step_size_min=floor)
+    _spread_step_sizes(learner)
+    sizes = {k: v for k, v in learner.meta_params.items() if k.startswith("step_size.")}
+    value = objective.at_old_policy(learner.meta_params, kind="surrogate")
+    grads = dict(zip(sizes, torch.autograd.grad(value.loss, list(sizes.values()))))
+    del value
+    unfloored = {k: v.detach() - lr * grads[k] / (grads[k].abs() + 1e-8)
+                 for k, v in sizes.items()}
+    assert min(map(float, unfloored.values())) < floor < max(map(float, unfloored.values()))
+    learner.optimizer.size_optimizer.torch_optimizer.state.clear()
+    stats = learner.optimizer.step(objective)
+    for k, v in sizes.items():
+        torch.testing.assert_close(v.detach(), unfloored[k].clamp(min=floor), rtol=0, atol=1e-12)
+    assert stats["step_size_min"] == floor
+    learner.close()
+
+
+def test_step_size_floor_needs_its_own_optimizer():
+    config = build_config({"policy": {"hidden_sizes": [8]}, "inner": {"learn_step_size": True},
+                           "meta_optimizer": {"name": "trpo"}})
+    learner = MetaLearner(config)
+    with pytest.raises(ValueError, match=r"step_size_min floors .* give step_size_lr with it"):
+        make_meta_optimizer(learner.meta_params, config.meta_optimizer, None, 0.0)
+    learner.close()
