@@ -28,6 +28,7 @@ logged; a run whose tasks cannot be rebuilt is left out of the plot, and the rep
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import re
 import shlex
@@ -50,6 +51,7 @@ from flows.runrecord import (
     is_export,
     open_record,
 )
+from maml_core.config import MAMLConfig
 from maml_core.tasks.base import TASK_ID, get_task_family
 
 KINDS = ("meta-train", "baseline")
@@ -202,17 +204,28 @@ def _setting(value: str) -> Any:
         return parsed
 
 
+@functools.cache
+def _default_params() -> dict[str, Any]:
+    """Today's config defaults as params' values (``inner.step_size_min``: None, ...)."""
+    return {k: _setting(v) for k, v in tracking.flatten_config(MAMLConfig()).items()}
+
+
 def _same_but_seed(a, b) -> bool:
     """Whether two runs' resolved configs (their MLflow params, with their resumes'
     overrides laid over them) agree on every key both have, as values rather than as written,
-    the seed and bookkeeping aside (a key that only one has was added to the config later),
-    and name the same task options (a config holds only the options it sets, so an option
-    that one run names and the other does not makes another task, not a newer config)."""
+    the seed and bookkeeping aside; a key that only one has was added to the config after
+    the other run, which therefore ran with its default: the one that has it must hold the
+    default too. And whether they name the same task options (a config holds only the
+    options it sets, so an option that one run names and the other does not makes another
+    task, not a newer config)."""
     pa, pb = ({k: _setting(v) for k, v in _last_params(r).items()} for r in (a, b))
+    defaults = _default_params()
     return ({k for k in pa if k.startswith(_TASK_OPTIONS)}
             == {k for k in pb if k.startswith(_TASK_OPTIONS)}
-            and all(pa[k] == pb[k] for k in pa.keys() & pb.keys()
-                    if not k.startswith(_BOOKKEEPING)))
+            and all(pa.get(k, defaults.get(k)) == pb.get(k, defaults.get(k))
+                    for k in pa.keys() | pb.keys()
+                    if not k.startswith(_BOOKKEEPING) and (k in pa.keys() & pb.keys()
+                                                            or k in defaults)))
 
 
 def seed_groups(runs: list[ReportRun]) -> list[list[ReportRun]]:

@@ -754,3 +754,34 @@ def test_an_export_reads_its_metrics_back_exactly(tmp_path):
         f.writelines(f"loss,{i},{float(v)!r},{i}\n" for i, v in enumerate(values))
     history = open_record(folder).history(["loss"])
     assert history["loss"].tolist() == values.tolist()
+
+
+def test_seed_groups_read_a_key_one_run_lacks_as_its_default(tmp_path):
+    """A config key added after a run was made (``inner.step_size_lr``,
+    ``inner.step_size_min``: the exported ant-vel run has neither) ran at its default in that
+    run: a later seed that logs the default is a seed of it, one that sets it otherwise is
+    another config; so are the exported halfcheetah-vel runs with and without the floor."""
+    from flows.report import ReportRun, seed_groups
+
+    def params(**added):
+        def edit(meta):
+            meta["params"].update(added)
+        return edit
+
+    runs = [_ant_vel_copy(tmp_path, 0),
+            _ant_vel_copy(tmp_path, 1, params(**{"inner.step_size_lr": "null",
+                                                 "inner.step_size_min": "null"})),
+            _ant_vel_copy(tmp_path, 2, params(**{"inner.step_size_min": "0.0"})),
+            _ant_vel_copy(tmp_path, 3, params(**{"inner.step_size_min": "0"}))]
+    assert "inner.step_size_min" not in runs[0].run.data.params
+    groups = seed_groups(runs)
+    assert [[r.run.data.params["seed"] for r in g] for g in groups] == [["0", "1"], ["2", "3"]]
+
+    def exported(run_id: str) -> ReportRun:
+        return ReportRun(run=ROOT / "docs" / "results" / "runs" / run_id,
+                         family="halfcheetah-vel", method="maml", k_shot=None, summary=None)
+
+    no_floor = exported("09390b00ec644122a63a491ff3f0afe3")
+    floor = exported("1fb9f5624e524987b026751374eaa242")
+    assert "inner.step_size_min" not in no_floor.run.data.params
+    assert seed_groups([no_floor, floor]) == []
