@@ -220,12 +220,11 @@ def _same_but_seed(a, b) -> bool:
     task, not a newer config)."""
     pa, pb = ({k: _setting(v) for k, v in _last_params(r).items()} for r in (a, b))
     defaults = _default_params()
+    compared = (pa.keys() & pb.keys()) | ((pa.keys() ^ pb.keys()) & defaults.keys())
     return ({k for k in pa if k.startswith(_TASK_OPTIONS)}
             == {k for k in pb if k.startswith(_TASK_OPTIONS)}
             and all(pa.get(k, defaults.get(k)) == pb.get(k, defaults.get(k))
-                    for k in pa.keys() | pb.keys()
-                    if not k.startswith(_BOOKKEEPING) and (k in pa.keys() & pb.keys()
-                                                            or k in defaults)))
+                    for k in compared if not k.startswith(_BOOKKEEPING)))
 
 
 def seed_groups(runs: list[ReportRun]) -> list[list[ReportRun]]:
