@@ -175,6 +175,16 @@ def test_structured_kl_hvp_with_step_sizes_of_their_own(per, inner):
     learner.close()
 
 
+def _adam_first_step(learner, objective, lr):
+    """Where the step sizes' own Adam, reset to a fresh state, will put them in its first
+    step: lr * g / (|g| + eps) down the surrogate's gradient at the old policy."""
+    sizes = {k: v for k, v in learner.meta_params.items() if k.startswith("step_size.")}
+    value = objective.at_old_policy(learner.meta_params, kind="surrogate")
+    grads = dict(zip(sizes, torch.autograd.grad(value.loss, list(sizes.values()))))
+    learner.optimizer.size_optimizer.torch_optimizer.state.clear()
+    return {k: v.detach() - lr * grads[k] / (grads[k].abs() + 1e-8) for k, v in sizes.items()}
+
+
 def test_trpo_gives_step_sizes_an_adam_step_of_their_own():
     """TRPO's step moves the policy within max_kl; the step sizes move by Adam's first step,
     lr * g / (|g| + eps), on the surrogate's gradient at the old policy."""
@@ -184,17 +194,12 @@ def test_trpo_gives_step_sizes_an_adam_step_of_their_own():
     _spread_step_sizes(learner)
     sizes = {k: v for k, v in learner.meta_params.items() if k.startswith("step_size.")}
     before = {k: v.detach().clone() for k, v in learner.meta_params.items()}
-    value = objective.at_old_policy(learner.meta_params, kind="surrogate")
-    grads = dict(zip(sizes, torch.autograd.grad(value.loss, list(sizes.values()))))
-    del value
-    # a fresh Adam: its first step
-    learner.optimizer.size_optimizer.torch_optimizer.state.clear()
+    expected = _adam_first_step(learner, objective, lr)
     stats = learner.optimizer.step(objective)
     assert stats["rejected"] == 0.0 and stats["kl"] <= learner.config.meta_optimizer.max_kl
     for k, v in learner.meta_params.items():
         if k in sizes:
-            expected = before[k] - lr * grads[k] / (grads[k].abs() + 1e-8)
-            torch.testing.assert_close(v.detach(), expected, rtol=0, atol=1e-12)
+            torch.testing.assert_close(v.detach(), expected[k], rtol=0, atol=1e-12)
             assert abs(float(v.detach() - before[k])) > 0.9 * lr
         else:
             assert not torch.equal(v.detach(), before[k])  # TRPO moved the policy
@@ -219,13 +224,8 @@ def test_step_size_floor_projects_the_adam_step():
                                     step_size_lr=lr, step_size_min=floor)
     _spread_step_sizes(learner)
     sizes = {k: v for k, v in learner.meta_params.items() if k.startswith("step_size.")}
-    value = objective.at_old_policy(learner.meta_params, kind="surrogate")
-    grads = dict(zip(sizes, torch.autograd.grad(value.loss, list(sizes.values()))))
-    del value
-    unfloored = {k: v.detach() - lr * grads[k] / (grads[k].abs() + 1e-8)
-                 for k, v in sizes.items()}
+    unfloored = _adam_first_step(learner, objective, lr)
     assert min(map(float, unfloored.values())) < floor < max(map(float, unfloored.values()))
-    learner.optimizer.size_optimizer.torch_optimizer.state.clear()
     stats = learner.optimizer.step(objective)
     for k, v in sizes.items():
         torch.testing.assert_close(v.detach(), unfloored[k].clamp(min=floor), rtol=0, atol=1e-12)
