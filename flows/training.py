@@ -84,7 +84,8 @@ class ModelSelection:
         the steps scored."""
         ev = config.evaluation
         return {"validation_tasks": ev.validation_tasks, "select_steps": ev.select_steps,
-                "seed": ev.seed, "episodes_per_task": ev.episodes_per_task}
+                "seed": ev.seed, "episodes_per_task": ev.episodes_per_task,
+                "later_step_scale": ev.later_step_scale}
 
     @classmethod
     def check_resume(cls, store: StageStore, config: RunConfig) -> None:
@@ -98,6 +99,8 @@ class ModelSelection:
             return
         # records made before the settings were kept hold select_steps alone
         before = record.get("settings") or {"select_steps": record.get("select_steps")}
+        # and those made before the evaluation's later steps could be scaled used 0.5
+        before = {"later_step_scale": 0.5, **before}
         now = cls.settings_of(config)
         changed = [f"evaluation.{k}: {v} -> {now.get(k)}" for k, v in before.items()
                    if v is not None and now.get(k) != v]

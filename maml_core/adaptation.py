@@ -202,14 +202,16 @@ def adapt_with_inner_steps(params: Params, loss_fn: LossFn, step_size: float | P
     return phi, losses, (InnerChain(inner_steps) if structured else None)
 
 
-def inner_step_size(step_size: float | Params, step: int) -> float | Params:
-    """The step size of inner step ``step`` (0-based) in the paper's protocol: alpha for the
-    first step, alpha / 2 for every later one (learned per-weight sizes are halved alike)."""
+def inner_step_size(step_size: float | Params, step: int, later_scale: float = 0.5
+                    ) -> float | Params:
+    """The step size of inner step ``step`` (0-based): alpha for the first step,
+    ``later_scale`` * alpha for every later one (learned per-weight sizes are scaled alike).
+    The default 0.5 is the paper's protocol (alpha / 2)."""
     if step == 0:
         return step_size
     if isinstance(step_size, dict):
-        return {k: v / 2 for k, v in step_size.items()}
-    return step_size / 2
+        return {k: v * later_scale for k, v in step_size.items()}
+    return step_size * later_scale
 
 
 def adapt_policy_resampled(policy, meta_params: Params, episode_sets: list[Episodes],

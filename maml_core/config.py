@@ -128,6 +128,10 @@ class EvaluationConfig(_Strict):
     select_steps: int = Field(
         1, ge=1, description="the validation score is the mean return (supervised: minus the "
         "MSE) after 1..select_steps adaptation steps")
+    later_step_scale: float = Field(
+        0.5, gt=0, description="RL families: every adaptation step after the first takes "
+        "this times alpha (learned step sizes are scaled alike); 0.5 is the paper's test "
+        "protocol. Supervised families take alpha at every step")
 
 
 class MAMLConfig(_Strict):

@@ -2,7 +2,8 @@
 
 Step 0 samples with the meta-learned parameters; each later step adapts on freshly sampled
 episodes by one vanilla policy-gradient step (the first with step size alpha, later ones with
-alpha / 2) and samples again. Returns a per-task table; ``summarize`` gives mean and 95% CI.
+alpha / 2, or ``later_step_scale`` * alpha) and samples again. Returns a per-task table;
+``summarize`` gives mean and 95% CI.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def adaptation_curve(pool: EnvPool, policy, meta_params: Params, tasks: pd.DataF
                      steps: int, step_size: float, episodes_per_task: int, horizon: int,
                      gamma: float, gae_lambda: float, seed: int,
                      normalize_advantages: bool = True,
-                     on_episodes: Callable[[int, Episodes], None] | None = None
-                     ) -> pd.DataFrame:
+                     on_episodes: Callable[[int, Episodes], None] | None = None,
+                     later_step_scale: float = 0.5) -> pd.DataFrame:
     """Per-task table ``task_id, step, return`` for adaptation steps 0..``steps``.
 
     Seeds derive from (``seed``, step, task id), so the same tasks and seed give the same
@@ -56,7 +57,8 @@ def adaptation_curve(pool: EnvPool, policy, meta_params: Params, tasks: pd.DataF
         if step == steps:
             break
         process_episodes(episodes, gamma, gae_lambda, normalize_advantages)
-        alpha = inner_step_size(learned if learned is not None else step_size, step)
+        alpha = inner_step_size(learned if learned is not None else step_size, step,
+                                later_step_scale)
         batched = params["layers.0.weight"].dim() == 3
         with torch.no_grad():
             params, _ = adapt(params, policy_gradient_loss(policy, episodes), alpha,

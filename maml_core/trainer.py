@@ -202,7 +202,8 @@ class MetaLearner:
                                     episodes_per_task or ev.episodes_per_task
                                     or self.config.episodes_per_task, self.horizon,
                                     self.config.gamma, self.config.gae_lambda, seed,
-                                    self.config.normalize_advantages, on_episodes)
+                                    self.config.normalize_advantages, on_episodes,
+                                    ev.later_step_scale)
         finally:
             pool.close()
 

@@ -60,6 +60,7 @@ BAD = [
      ["inner.episodes_per_task=20"],
      r"inner\.episodes_per_task: supervised families .*k_shot sets its size"),
     ({}, ["inner.episodes_per_task=0"], r"inner\.episodes_per_task: .*greater than or equal"),
+    ({}, ["evaluation.later_step_scale=0"], r"evaluation\.later_step_scale: .*greater than 0"),
     ({}, ["inner.fresh_episodes=true", "inner.every_step_objective=true"],
      r"inner\.every_step_objective .*inner\.num_steps > 1"),
     ({}, ["inner.num_steps=2", "inner.every_step_objective=true"],

@@ -79,3 +79,48 @@ def test_evaluation_shows_each_steps_episodes_to_a_callback():
     assert len({float(e.task_returns().sum()) for e in seen.values()}) == 3
     pd.testing.assert_frame_equal(curve, learner.evaluate(tasks, steps=2))
     learner.close()
+
+
+def test_evaluation_scales_the_steps_after_the_first_as_configured():
+    """``evaluation.later_step_scale``: steps 0 and 1 do not depend on it; the policy of step 2
+    is phi_1 - scale * alpha * g(step 1's episodes; phi_1), checked by hand: the evaluation's
+    action noise is seeded per task and step, so the noise that step 2's actions imply under
+    that policy is the same at every scale (and is not under the other scale's policy)."""
+    from maml_core.adaptation import adapt, policy_gradient_loss
+
+    def evaluate(scale):
+        cfg = build_config({"seed": 0, "episodes_per_task": 4,
+                            "task": {"family": "navigation2d", "horizon": 20},
+                            "policy": {"hidden_sizes": [16, 16]},
+                            "inner": {"step_size": 0.3},
+                            "evaluation": {"num_tasks": 5, "seed": 3,
+                                           "later_step_scale": scale}})
+        learner = MetaLearner(cfg)
+        seen = {}
+        curve = learner.evaluate(learner.held_out_tasks(), steps=2,
+                                 on_episodes=lambda s, e: seen.setdefault(s, e))
+        theta = learner.detached_params()
+        learner.close()
+        return curve, seen, theta, learner.policy
+
+    def phi_2(seen, theta, policy, scale):
+        phi_1, _ = adapt(theta, policy_gradient_loss(policy, seen[0]), 0.3, num_tasks=5)
+        phi_2, _ = adapt(phi_1, policy_gradient_loss(policy, seen[1]), 0.3 * scale)
+        return phi_2
+
+    def implied_noise(policy, phi, episodes):
+        mean, log_std = policy.distribution(phi, episodes.task_major("observations"))
+        taken = episodes.task_major("masks").unsqueeze(-1)
+        return (episodes.task_major("actions") - mean) * torch.exp(-log_std) * taken
+
+    half, seen_half, theta, policy = evaluate(0.5)
+    full, seen_full, theta_full, _ = evaluate(1.0)
+    for k in theta:
+        assert torch.equal(theta[k], theta_full[k]), k
+    assert half[half["step"] < 2].equals(full[full["step"] < 2])
+    assert not half[half["step"] == 2]["return"].equals(full[full["step"] == 2]["return"])
+    noise_half = implied_noise(policy, phi_2(seen_half, theta, policy, 0.5), seen_half[2])
+    noise_full = implied_noise(policy, phi_2(seen_full, theta, policy, 1.0), seen_full[2])
+    torch.testing.assert_close(noise_half, noise_full, rtol=1e-4, atol=1e-4)
+    wrong = implied_noise(policy, phi_2(seen_full, theta, policy, 0.5), seen_full[2])
+    assert (wrong - noise_full).abs().max() > 1e-2

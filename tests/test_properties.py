@@ -37,7 +37,8 @@ KNOWN = {
     "meta_optimizer": ["name", "lr", "max_grad_norm", "max_kl", "cg_iters", "cg_damping",
                        "line_search_steps", "line_search_backtrack", "hvp_subsample",
                        "clip_eps", "epochs", "max_rejected_updates"],
-    "evaluation": ["every", "num_tasks", "steps", "episodes_per_task", "seed"],
+    "evaluation": ["every", "num_tasks", "steps", "episodes_per_task", "seed",
+                   "later_step_scale"],
 }
 OPTION_NAMES = ["low", "high", "max_action", "goal_tolerance", "terminate_at_goal", "amp_low",
                 "amp_high", "phase_low", "phase_high", "num_states", "num_actions",

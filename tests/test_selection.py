@@ -59,6 +59,32 @@ def test_selection_record_survives_a_resume_and_prefers_the_earliest_tie(tmp_pat
     assert ModelSelection(store, {"select_steps": 2}, {5: float("nan")}).best() is None
 
 
+def test_resume_refuses_other_later_step_sizes_even_against_an_older_record(tmp_path):
+    """A record that predates ``evaluation.later_step_scale`` was scored with the paper's
+    alpha / 2, so only a resume at 0.5 may go on adding scores to it."""
+    from flows.store import StageStore
+    from flows.training import ModelSelection
+    from maml_core.config import ConfigError, build_config
+
+    store = StageStore(tmp_path, "run")
+    store.run_dir.mkdir(parents=True)
+    old = {"validation_tasks": 4, "select_steps": 2, "seed": 1234, "episodes_per_task": None}
+    ModelSelection(store, old).add(10, -5.0)
+
+    def config(scale):
+        return build_config({"evaluation": {"validation_tasks": 4, "select_steps": 2,
+                                            "later_step_scale": scale}})
+
+    ModelSelection.check_resume(store, config(0.5))
+    with pytest.raises(ConfigError, match=r"evaluation\.later_step_scale: 0\.5 -> 1\.0"):
+        ModelSelection.check_resume(store, config(1.0))
+    # a record that keeps the setting is held to its own value
+    ModelSelection(store, ModelSelection.settings_of(config(1.0))).add(10, -5.0)
+    ModelSelection.check_resume(store, config(1.0))
+    with pytest.raises(ConfigError, match=r"later_step_scale: 1\.0 -> 0\.5"):
+        ModelSelection.check_resume(store, config(0.5))
+
+
 def test_config_refuses_selection_without_evaluations():
     from maml_core.config import ConfigError, load_config
 
