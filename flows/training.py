@@ -25,7 +25,7 @@ from flows.store import StageStore
 from flows.writer import BackgroundWriter, ServiceUnavailableError
 from maml_core.allocator import MIB, peak_since_reset_mb, process_peak_bytes, reset_peak_resident
 from maml_core.checkpoint import latest_checkpoint, load_checkpoint
-from maml_core.config import ConfigError
+from maml_core.config import PAPER_LATER_STEP_SCALE, ConfigError
 from maml_core.evaluation import selection_score
 from maml_core.faults import fault_point
 from maml_core.trainer import MetaLearner, summary_table
@@ -99,8 +99,8 @@ class ModelSelection:
             return
         # records made before the settings were kept hold select_steps alone
         before = record.get("settings") or {"select_steps": record.get("select_steps")}
-        # and those made before the evaluation's later steps could be scaled used 0.5
-        before = {"later_step_scale": 0.5, **before}
+        # and those made before the evaluation's later steps could be scaled used the paper's
+        before = {"later_step_scale": PAPER_LATER_STEP_SCALE, **before}
         now = cls.settings_of(config)
         changed = [f"evaluation.{k}: {v} -> {now.get(k)}" for k, v in before.items()
                    if v is not None and now.get(k) != v]

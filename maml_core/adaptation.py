@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from maml_core.allocator import tune_allocator
+from maml_core.config import PAPER_LATER_STEP_SCALE
 from maml_core.episodes import Episodes
 from maml_core.policies import Params, log_prob
 
@@ -202,8 +203,8 @@ def adapt_with_inner_steps(params: Params, loss_fn: LossFn, step_size: float | P
     return phi, losses, (InnerChain(inner_steps) if structured else None)
 
 
-def inner_step_size(step_size: float | Params, step: int, later_scale: float = 0.5
-                    ) -> float | Params:
+def inner_step_size(step_size: float | Params, step: int,
+                    later_scale: float = PAPER_LATER_STEP_SCALE) -> float | Params:
     """The step size of inner step ``step`` (0-based): alpha for the first step,
     ``later_scale`` * alpha for every later one (learned per-weight sizes are scaled alike).
     The default 0.5 is the paper's protocol (alpha / 2)."""

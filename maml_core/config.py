@@ -115,6 +115,10 @@ class MetaOptimizerConfig(_Strict):
     max_rejected_updates: int = Field(5, ge=1)
 
 
+# The paper's test scripts take alpha / 2 for every adaptation step after the first.
+PAPER_LATER_STEP_SCALE = 0.5
+
+
 class EvaluationConfig(_Strict):
     every: int = Field(10, ge=0, description="evaluate every N iterations (0: never)")
     num_tasks: int = Field(40, ge=1)
@@ -129,7 +133,8 @@ class EvaluationConfig(_Strict):
         1, ge=1, description="the validation score is the mean return (supervised: minus the "
         "MSE) after 1..select_steps adaptation steps")
     later_step_scale: float = Field(
-        0.5, gt=0, description="RL families: every adaptation step after the first takes "
+        PAPER_LATER_STEP_SCALE, gt=0, description="RL families: every adaptation step after "
+        "the first takes "
         "this times alpha (learned step sizes are scaled alike); 0.5 is the paper's test "
         "protocol. Supervised families take alpha at every step")
 

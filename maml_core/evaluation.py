@@ -22,6 +22,7 @@ from maml_core.adaptation import (
     split_meta_params,
 )
 from maml_core.advantages import process_episodes
+from maml_core.config import PAPER_LATER_STEP_SCALE
 from maml_core.episodes import Episodes
 from maml_core.policies import Params
 from maml_core.rollouts import EnvPool, collect_episodes
@@ -34,7 +35,7 @@ def adaptation_curve(pool: EnvPool, policy, meta_params: Params, tasks: pd.DataF
                      gamma: float, gae_lambda: float, seed: int,
                      normalize_advantages: bool = True,
                      on_episodes: Callable[[int, Episodes], None] | None = None,
-                     later_step_scale: float = 0.5) -> pd.DataFrame:
+                     later_step_scale: float = PAPER_LATER_STEP_SCALE) -> pd.DataFrame:
     """Per-task table ``task_id, step, return`` for adaptation steps 0..``steps``.
 
     Seeds derive from (``seed``, step, task id), so the same tasks and seed give the same
