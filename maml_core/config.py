@@ -134,9 +134,8 @@ class EvaluationConfig(_Strict):
         "MSE) after 1..select_steps adaptation steps")
     later_step_scale: float = Field(
         PAPER_LATER_STEP_SCALE, gt=0, description="RL families: every adaptation step after "
-        "the first takes "
-        "this times alpha (learned step sizes are scaled alike); 0.5 is the paper's test "
-        "protocol. Supervised families take alpha at every step")
+        "the first takes this times alpha (learned step sizes are scaled alike); 0.5 is the "
+        "paper's test protocol. Supervised families take alpha at every step")
 
 
 class MAMLConfig(_Strict):
