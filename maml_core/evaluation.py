@@ -2,8 +2,8 @@
 
 Step 0 samples with the meta-learned parameters; each later step adapts on freshly sampled
 episodes by one vanilla policy-gradient step (the first with step size alpha, later ones with
-alpha / 2, or ``later_step_scale`` * alpha) and samples again. Returns a per-task table;
-``summarize`` gives mean and 95% CI.
+``later_step_scale`` * alpha, the paper's alpha / 2 by default) and samples again. Returns a
+per-task table; ``summarize`` gives mean and 95% CI.
 """
 
 from __future__ import annotations
