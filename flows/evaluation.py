@@ -249,8 +249,9 @@ def _evaluate(learner: MetaLearner, info: dict, model_ref: str, tasks_path: str 
     if info.get("run_id"):
         tags["mlflow.parentRunId"] = info["run_id"]
     run_id = tracking.start_run(tcfg, f"evaluate-{family}", tags)
-    params = {"model": model_ref, "tasks": tasks_path or "held-out", "steps": steps,
-              "seed": seed}
+    # The protocol as it was applied (defaults resolved), not only as it was asked for.
+    params = {"model": model_ref, "tasks": tasks_path or "held-out",
+              **learner.evaluation_protocol(steps, seed, episodes_per_task)}
     if overrides:
         params["overrides"] = " ".join(overrides)
     tracking.log_params(run_id, params)

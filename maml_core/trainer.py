@@ -179,31 +179,45 @@ class MetaLearner:
         stats["rejected_in_a_row"] = float(self.rejected_in_a_row)
         return stats
 
+    def evaluation_protocol(self, steps: int | None = None, seed: int | None = None,
+                            episodes_per_task: int | None = None) -> dict:
+        """What ``evaluate`` adapts and measures with, given its arguments (None: the config's
+        ``evaluation.*``, then the training values): adaptation steps and seed; RL families
+        also episodes per task and step, the first step's size (``learned`` for Meta-SGD
+        sizes) and the scale of every later step; supervised ones K and the step size."""
+        ev, inner = self.config.evaluation, self.config.inner
+        protocol = {"steps": ev.steps if steps is None else steps,
+                    "seed": ev.seed if seed is None else seed}
+        if not self.rl:
+            return {**protocol, "k_shot": self.config.k_shot, "step_size": inner.step_size}
+        return {**protocol,
+                "episodes_per_task": (episodes_per_task or ev.episodes_per_task
+                                      or self.config.episodes_per_task),
+                "step_size": "learned" if inner.learn_step_size else inner.step_size,
+                "later_step_scale": ev.later_step_scale}
+
     def evaluate(self, tasks: pd.DataFrame, steps: int | None = None,
                  meta_params: Params | None = None, seed: int | None = None,
                  episodes_per_task: int | None = None,
                  on_episodes: Callable[[int, Episodes], None] | None = None) -> pd.DataFrame:
         """Per-task adaptation curve (RL: ``return``; supervised: ``mse``) for 0..steps;
         ``on_episodes(step, episodes)`` sees each step's episodes (RL)."""
-        ev = self.config.evaluation
-        steps = ev.steps if steps is None else steps
-        seed = ev.seed if seed is None else seed
+        protocol = self.evaluation_protocol(steps, seed, episodes_per_task)
         params = self.detached_params(meta_params)
         if not self.rl:
             return regression_curve(self.policy, params, self.family, tasks, self.config.k_shot,
-                                    steps, self.config.inner.step_size, seed, self.device,
-                                    self.dtype)
+                                    protocol["steps"], self.config.inner.step_size,
+                                    protocol["seed"], self.device, self.dtype)
         # The evaluation's envs are built for it and closed after it: kept beside the training
         # pool, 40 tasks x 20 episodes of MuJoCo sub-envs held about 0.9 GB between evaluations.
         pool = EnvPool(self.family, self.device, self.dtype)
         try:
-            return adaptation_curve(pool, self.policy, params, tasks, steps,
+            return adaptation_curve(pool, self.policy, params, tasks, protocol["steps"],
                                     self.config.inner.step_size,
-                                    episodes_per_task or ev.episodes_per_task
-                                    or self.config.episodes_per_task, self.horizon,
-                                    self.config.gamma, self.config.gae_lambda, seed,
+                                    protocol["episodes_per_task"], self.horizon,
+                                    self.config.gamma, self.config.gae_lambda, protocol["seed"],
                                     self.config.normalize_advantages, on_episodes,
-                                    ev.later_step_scale)
+                                    protocol["later_step_scale"])
         finally:
             pool.close()
 

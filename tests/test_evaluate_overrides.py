@@ -61,6 +61,10 @@ def test_a_longer_inner_step_changes_the_adapted_return_only(nav_checkpoints):
                                              values="return")[1].to_numpy(), rtol=0, atol=1e-6)
     run = MlflowClient().get_run(longer["run_id"])
     assert run.data.params["overrides"] == "inner.step_size=0.5"
+    # The protocol it applied is recorded with its defaults resolved, not only what was asked.
+    expected = {"steps": "1", "seed": str(learner.config.evaluation.seed), "step_size": "0.5",
+                "episodes_per_task": "4", "later_step_scale": "0.5"}
+    assert {k: run.data.params[k] for k in expected} == expected
     assert run.data.tags["maml.evaluated_model"] == nav_checkpoints
 
 
